@@ -49,3 +49,11 @@ class InputTooLargeError(OptictxError):
     """The request is over a configured limit (pixels, pages, bytes, tokens)."""
 
     http_status = 413
+
+
+class PrimitiveError(OptictxError):
+    """A box, point or label cannot be written in the grounding language (out of 0-999, tag inside a label)."""
+
+
+class MetricError(OptictxError):
+    """Metric inputs are inconsistent (lengths differ, no ground-truth table, missing radius, bad box shape)."""
