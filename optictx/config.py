@@ -320,6 +320,11 @@ class PrimitivesConfig:
     index_n_heads: int = 4
     index_head_dim: int = 32
     index_topk: int = 64
+    o_groups: int = 1  # V4 grouped low-rank output projection (wo_a per group, then wo_b)
+    o_lora_rank: int = 0  # 0: one plain ``wo`` instead of wo_a/wo_b
+    compress_rope_theta: float = 10000.0  # RoPE base of CSA/HCA layers (V4-Flash: 160000)
+    image_token_order: str = "block2x2"  # "raster" or "block2x2" (CSA blocks of 4 = 2x2 squares, see vit.py)
+    image_token_id: int = 3  # the <image> placeholder the model replaces by image embeddings
     bos_token_id: int = 0
     eos_token_id: int = 1
     pad_token_id: int = 2
@@ -348,7 +353,7 @@ def ocr_tiny() -> DeepseekOCRConfig:
         vocab_size=4096,
         hidden_size=256,
         intermediate_size=768,
-        moe_intermediate_size=256,
+        moe_intermediate_size=192,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -362,10 +367,10 @@ def ocr_tiny() -> DeepseekOCRConfig:
     vision = VisionConfig(
         image_size=256,
         sam=SamConfig(
-            width=192, layers=4, heads=4, global_attn_indexes=(1, 3), downsample_channels=(256, 256),
+            width=192, layers=3, heads=4, global_attn_indexes=(2,), downsample_channels=(256, 256),
             image_size=256, window_size=8, out_chans=128,
         ),
-        clip=ClipConfig(width=256, layers=2, heads=4, image_size=56, patch_size=14, ffn_hidden_size=768),
+        clip=ClipConfig(width=256, layers=2, heads=4, image_size=56, patch_size=14, ffn_hidden_size=512),
     )
     return DeepseekOCRConfig(
         language_config=lm,
@@ -391,6 +396,7 @@ def v4_flash_shaped() -> PrimitivesConfig:
         num_experts_per_tok=6, first_k_dense_replace=0, scoring_func="sigmoid", routed_scaling_factor=1.5,
         max_position_embeddings=1048576, compress_ratios=(0, 0) + (4, 128) * 20 + (4,),
         sliding_window=128, index_n_heads=64, index_head_dim=128, index_topk=512,
+        o_groups=8, o_lora_rank=1024, compress_rope_theta=160000.0,
     )
 
 
