@@ -37,6 +37,7 @@ _ANY_TAG_TEXT = re.compile(rf"<{_BAR}/?(ref|det|box|point){_BAR}>")
 _PARTIAL_TAG_AT_END = re.compile(rf"<{_BAR}/?[a-z]{{0,5}}{_BAR}?$")
 _GROUP = re.compile(r"\[([^\[\]]*)(\])?")
 _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+_LIST_PREFIX = re.compile(r"[\s\[\],.0-9-]*")  # the characters a coordinate list can be made of
 _ARITY = {"det": 4, "box": 4, "point": 2}
 
 
@@ -99,7 +100,8 @@ def _normalize_coords(nums: list[int]) -> tuple[int, ...]:
 
 def _parse_coords(body: str, closed: bool, arity: int) -> tuple[tuple[int, ...], ...]:
     """Read ``[[a, b, ...], ...]`` leniently. A group is kept when it has exactly ``arity`` numbers and is closed
-    by ``]``; an unclosed group is kept only when the whole tag was closed (its last number cannot be half-written).
+    by ``]``; an unclosed group is kept only when the whole list is known to be complete (``closed``), since
+    otherwise its last number may be half-written.
     """
     groups: list[tuple[int, ...]] = []
     if "[" not in body:  # ``<|det|>1, 2, 3, 4<|/det|>``: tolerated when complete
@@ -151,12 +153,15 @@ def _spans(text: str) -> list[_Span]:
             spans.append(_Span(start, after, label=label))
             continue
         close = tags[i + 1] if i + 1 < len(tags) else None
-        closed = close is not None and close.closing and close.name == coord.name
-        body_end = close.start if close is not None else len(text)
-        end = close.end if closed else body_end
-        coords = _parse_coords(text[coord.end:body_end], closed, _ARITY[coord.name])
+        if close is not None and close.closing and close.name == coord.name:
+            body, end, complete, i = text[coord.end:close.start], close.end, True, i + 2
+        else:  # close tag missing (truncated, or the model went on writing): the list is its longest prefix
+            body = _LIST_PREFIX.match(text, coord.end, close.start if close is not None else len(text)).group(0)
+            complete = "]]" in body  # the outer list was closed; what follows (even digits) is content
+            body = body[:body.index("]]") + 2] if complete else body
+            end, i = coord.end + len(body), i + 1
+        coords = _parse_coords(body, complete, _ARITY[coord.name])
         spans.append(_Span(start, end, label=label, kind=coord.name, coords=coords))
-        i += 2 if closed else 1
     return spans
 
 

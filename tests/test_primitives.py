@@ -100,6 +100,9 @@ def test_truncated_and_messy_output():
     assert parse_grounding("intro <|ref|>tab<|/re") == [Block("tab", (), "")]
     assert parse_grounding("<|ref|>text<|/ref|><|det|>[[1,2,3,4]]<|/det|>hello <|/de") == \
         [Block("text", ((1, 2, 3, 4),), "hello")]
+    # close tag forgotten but the list finished: the text after it (digits included) is content, not coordinates
+    assert parse_grounding("<|ref|>text<|/ref|><|det|>[[1,2,3,4]]\n2024 report\n<|ref|>t<|/ref|>") == \
+        [Block("text", ((1, 2, 3, 4),), "2024 report"), Block("t", (), "")]
     # wrong arity ignored, full-width bars accepted, stray closing tags ignored
     assert parse_primitives("<｜ref｜>dog<｜/ref｜><｜box｜>[[1,2,3],[4,5,6,7]]<｜/box｜></|box|>") == \
         [Primitive("box", "dog", ((4, 5, 6, 7),))]
