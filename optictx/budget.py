@@ -326,8 +326,8 @@ def kv_values_per_token(kind: str, *, num_kv_heads: int = 0, head_dim: int = 0, 
     * ``mha``: keys and values, ``num_kv_heads·(head_dim + v_head_dim)`` (``2·heads·head_dim`` when equal).
     * ``mla``: the absorbed cache, latent + shared rope key: ``kv_lora_rank + qk_rope_head_dim`` (576 in V3).
     * ``csa``: V4 MQA with K = V: one ``head_dim`` vector per ``compress_ratio`` tokens, plus the lightning
-      indexer's compressed keys (``index_head_dim / compress_ratio``) when the ratio is 4 (CSA; HCA at
-      ratio 128 has no indexer). Ratio 0 is a window-only layer: nothing grows with length.
+      indexer's compressed keys (``index_head_dim / compress_ratio``) when the ratio is 4 (CSA; any other
+      ratio is HCA, 128 in V4, with no indexer). Ratio 0 is a window-only layer: nothing grows with length.
       The sliding window is a fixed cost, see :func:`kv_window_values`.
     Amortised (fractional) per token; :func:`kv_cache_bytes` gives exact totals for a length.
     """
@@ -395,9 +395,9 @@ def _csa_ratios(cfg: "PrimitivesConfig") -> tuple[int, ...]:
     if len(ratios) < cfg.num_hidden_layers:
         raise ConfigError(f"compress_ratios has {len(cfg.compress_ratios)} entries for "
                           f"{cfg.num_hidden_layers} layers")
-    bad = sorted({r for r in ratios if r not in (0, 4, 128)})
+    bad = sorted({r for r in ratios if int(r) != r or r < 0})
     if bad:
-        raise ConfigError(f"compress_ratios may hold only 0, 4 or 128, got {bad}")
+        raise ConfigError(f"compress_ratios must be integers >= 0 (0 window, 4 CSA, else HCA), got {bad}")
     return ratios
 
 

@@ -9,6 +9,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from optictx import budget as B
 from optictx.cli import main
@@ -193,7 +194,42 @@ def test_kv_errors():
     with pytest.raises(ConfigError):
         B.dtype_bytes("int3")
     with pytest.raises(ConfigError):
-        B.kv_cache_bytes(PrimitivesConfig(num_hidden_layers=4, compress_ratios=(0, 4, 8, 4)), 10)
+        B.kv_cache_bytes(PrimitivesConfig(num_hidden_layers=4, compress_ratios=(0, 4, -8, 4)), 10)
+
+
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@pytest.mark.parametrize("n", [5, 131, 300])
+def test_kv_cache_bytes_equal_real_attention_caches(n):
+    """Budget predictions equal what our attention modules actually keep (compressor partial blocks aside)."""
+    from optictx.model.attention import MHAttention
+    from optictx.model.cache import KVCache
+    from optictx.model.csa import CompressedSparseAttention
+    from optictx.model.mla import MLA
+
+    x, pos = torch.randn(1, n, 64), torch.arange(n)[None]
+
+    mha_cfg = DeepseekV2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    cache = KVCache(1)
+    MHAttention(mha_cfg)(x, pos, cache, 0)
+    assert _tensor_bytes(*cache.layers[0]) == B.kv_cache_bytes(mha_cfg, n, torch.float32)
+
+    mla_cfg = PrimitivesConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, attention="mla",
+                               kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    cache = KVCache(1)
+    MLA(mla_cfg)(x, pos, cache, 0)
+    assert _tensor_bytes(*vars(cache.layers[0]).values()) == B.kv_cache_bytes(mla_cfg, n, torch.float32)
+
+    csa_cfg = PrimitivesConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=3, q_lora_rank=0,
+                               compress_ratios=(0, 4, 128), qk_nope_head_dim=16, qk_rope_head_dim=8,
+                               index_head_dim=16, index_n_heads=2, sliding_window=16)
+    cache = KVCache(3)
+    for i, r in enumerate(csa_cfg.compress_ratios):
+        CompressedSparseAttention(csa_cfg, r)(x, pos, cache, i)
+    real = sum(_tensor_bytes(s.window, s.entries, s.index_keys) for s in cache.layers)
+    assert real == B.kv_cache_bytes(csa_cfg, n, torch.float32)
 
 
 # --------------------------------------------------------------------------- text tokens
