@@ -50,8 +50,10 @@ def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tens
     r_h = get_rel_pos(h, h, rel_pos_h)
     r_w = get_rel_pos(w, w, rel_pos_w)
     r_q = q.reshape(q.shape[0], h, w, q.shape[-1])
-    bias_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h)  # [N, h, w, kh]
-    bias_w = torch.einsum("bhwc,wkc->bhwk", r_q, r_w)  # [N, h, w, kw]
+    # einsum may return permuted strides; the broadcast sum inherits them and the reshape below would then
+    # copy the whole [N, HW, HW] mask, so make the small factors contiguous first
+    bias_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h).contiguous()  # [N, h, w, kh]
+    bias_w = torch.einsum("bhwc,wkc->bhwk", r_q, r_w).contiguous()  # [N, h, w, kw]
     bias = bias_h[..., :, None] + bias_w[..., None, :]  # [N, h, w, kh, kw]
     return bias.reshape(q.shape[0], h * w, h * w)
 
