@@ -1,0 +1,323 @@
+"""Plain text -> page images with ground truth: word wrap, bidi, columns, pagination, painting.
+
+The walk: normalise -> paragraphs (words + the spaces before them) -> visual lines (greedy wrap on
+cached word advances) -> pages of columns -> paint (blit cached word bitmaps into one ink array) ->
+RGB (+ optional augmentation). Layout never draws, so :func:`render_to_fit` can try many font sizes
+for the price of measuring.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from optictx.errors import RenderError
+from optictx.render.page import Block, PageStyle, RenderedPage, TextBox, augment, ink_to_image
+from optictx.render.typeset import Typesetter, is_cjk, strong_direction, typesetter
+
+NO_BREAK_BEFORE = frozenset("、。，．・：；？！）」』】〕〉》〗〙〛｝＞ー々〜…‥,.;:!?)]}%")
+"""Closing punctuation that stays with the character before it when CJK text wraps per character."""
+
+
+@dataclass
+class Paragraph:
+    """One source line: its words and the number of spaces before each (``gaps[0]`` = indentation)."""
+
+    words: list[str]
+    gaps: list[int]
+    rtl: bool = False
+    bidi: bool = False  # contains right-to-left words: visual order differs from logical order
+    block: int = -1  # id of the blank-line-separated paragraph; -1 for blank lines
+    label: str = "text"
+
+
+@dataclass
+class Line:
+    """A visual line. ``xs`` are logical pen offsets from the line start; ``text`` is its ground truth."""
+
+    words: list[str]
+    gaps: list[int]
+    xs: list[float]
+    width: float
+    para: Paragraph
+
+    @property
+    def text(self) -> str:
+        return "".join(" " * g + w for g, w in zip(self.gaps, self.words))
+
+
+def normalize(text: str) -> str:
+    """CR/CRLF -> LF and tabs -> spaces (4-column stops), so the ground truth is what is drawn."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").expandtabs(4)
+
+
+def split_cjk(word: str) -> list[str]:
+    """Break opportunities inside a space-free run: around every CJK character, never before closing
+    punctuation. 'AI技术。' -> ['AI', '技', '术。']."""
+    if word.isascii() or not any(map(is_cjk, word)):
+        return [word]
+    pieces: list[str] = []
+    latin_open = False
+    for ch in word:
+        if pieces and ch in NO_BREAK_BEFORE:
+            pieces[-1] += ch
+        elif is_cjk(ch):
+            pieces.append(ch)
+            latin_open = False
+        elif latin_open:
+            pieces[-1] += ch
+        else:
+            pieces.append(ch)
+            latin_open = True
+    return pieces
+
+
+def paragraphs(text: str, label: str = "text", first_block: int = 0) -> list[Paragraph]:
+    """Split normalised text into source lines; consecutive non-blank lines share a block id."""
+    out, block, blank_before = [], first_block - 1, True
+    for src in text.split("\n"):
+        words, gaps, spaces = [], [], 0
+        for part in src.split(" "):
+            if not part:
+                spaces += 1
+                continue
+            for i, piece in enumerate(split_cjk(part)):
+                words.append(piece)
+                gaps.append(0 if i else spaces + (len(words) > 1))
+            spaces = 0
+        if not words:
+            out.append(Paragraph([], [], block=-1, label=label))
+            blank_before = True
+            continue
+        block += blank_before
+        blank_before = False
+        rtl = not src.isascii() and strong_direction(src) == "R"
+        bidi = rtl or (not src.isascii() and any(strong_direction(w) == "R" for w in words))
+        out.append(Paragraph(words, gaps, rtl, bidi, block, label))
+    return out
+
+
+def _split_long(word: str, ts: Typesetter, width: float) -> list[str]:
+    """Hard-break a word wider than the column (URLs, long numbers) into pieces that fit."""
+    pieces, start = [], 0
+    while start < len(word):
+        end = start + 1
+        while end < len(word) and ts.advance(word[start:end + 1], cache=False) <= width:
+            end += 1
+        pieces.append(word[start:end])
+        start = end
+    return pieces
+
+
+def wrap(para: Paragraph, ts: Typesetter, width: float) -> Iterator[Line]:
+    """Greedy line breaking on cached advances; the spaces at a break are dropped."""
+    if not para.words:
+        yield Line([], [], [], 0.0, para)
+        return
+    words, gaps, xs, x = [], [], [], 0.0
+    for i, (word, n) in enumerate(zip(para.words, para.gaps)):
+        gap = min(n * ts.space, width / 2) if (words or i == 0) else 0.0
+        adv = ts.advance(word)
+        if words and x + gap + adv > width:
+            yield Line(words, gaps, xs, x, para)
+            words, gaps, xs, x, gap, n = [], [], [], 0.0, 0.0, 0
+        pieces = [word] if gap + adv <= width else _split_long(word, ts, width - gap)
+        for piece in pieces[:-1]:
+            yield Line(words + [piece], gaps + [n], xs + [x + gap], x + gap + ts.advance(piece, False), para)
+            words, gaps, xs, x, gap, n = [], [], [], 0.0, 0.0, 0
+        word = pieces[-1]
+        words.append(word)
+        gaps.append(n)
+        xs.append(x + gap)
+        x += gap + ts.advance(word, cache=len(pieces) == 1)
+    yield Line(words, gaps, xs, x, para)
+
+
+def visual_order(words: list[str], rtl: bool) -> list[int]:
+    """Word-level Unicode bidi: embedding levels from each word's strong direction, then reverse runs
+    from the highest level down (UAX #9 rule L2). Returns logical indices, left to right."""
+    dirs = [strong_direction(w) for w in words]
+    strong = [i for i, d in enumerate(dirs) if d != "N"]
+    levels = []
+    for i, d in enumerate(dirs):
+        if d == "N":  # neutrals take the direction of their strong neighbours when both agree
+            prev = next((dirs[j] for j in reversed(strong) if j < i), "R" if rtl else "L")
+            nxt = next((dirs[j] for j in strong if j > i), "R" if rtl else "L")
+            numeric = any(c.isdigit() for c in words[i])
+            d = prev if prev == nxt else ("L" if numeric and rtl else ("R" if rtl else "L"))
+        levels.append((1 if d == "R" else 2) if rtl else (1 if d == "R" else 0))
+    order = list(range(len(words)))
+    for level in range(max(levels), 0, -1):
+        i = 0
+        while i < len(order):
+            if levels[order[i]] >= level:
+                j = i
+                while j < len(order) and levels[order[j]] >= level:
+                    j += 1
+                order[i:j] = order[i:j][::-1]
+                i = j
+            else:
+                i += 1
+    return order
+
+
+def placements(line: Line, ts: Typesetter, x0: float, width: float) -> list[tuple[str, float]]:
+    """(word, pen x) in page pixels. LTR text uses the wrap's offsets; bidi lines are reordered and,
+    for right-to-left paragraphs, set flush right."""
+    if not line.para.bidi:
+        return [(w, x0 + x) for w, x in zip(line.words, line.xs)]
+    order = visual_order(line.words, line.para.rtl)
+    indent = line.xs[0]
+    xs, x = [], 0.0
+    for k, i in enumerate(order):
+        if k:
+            x += line.gaps[max(i, order[k - 1])] * ts.space
+        xs.append(x)
+        x += ts.advance(line.words[i])
+    start = x0 + width - indent - x if line.para.rtl else x0 + indent
+    return [(line.words[i], start + dx) for i, dx in zip(order, xs)]
+
+
+@dataclass
+class Metrics:
+    """Vertical grid of a style: baseline pitch, first baseline offset, lines per column."""
+
+    pitch: float
+    first: float
+    per_column: int
+
+
+def metrics(style: PageStyle, ts: Typesetter) -> Metrics:
+    pitch = style.font_size * style.line_spacing
+    line_h = ts.ascent + ts.descent
+    lead = max(0.0, (pitch - line_h) / 2)
+    content = style.height - 2 * style.margin
+    per_column = math.floor((content - lead - line_h) / pitch) + 1 if content >= lead + line_h else 0
+    return Metrics(pitch, lead + ts.ascent, per_column)
+
+
+def layout(lines: Iterator[Line], per_column: int, columns: int,
+           max_pages: int | None = None) -> tuple[list[list[list[Line]]], bool]:
+    """Fill columns then pages. Returns (pages of columns of lines, whether text was left over)."""
+    if per_column < 1:
+        raise RenderError("the font is too large for the page: not one line fits; use a smaller font_size")
+    pages: list[list[list[Line]]] = []
+    cols: list[list[Line]] = []
+    col: list[Line] = []
+    for line in lines:
+        if not line.words and not col:
+            continue  # a column never starts with a blank line
+        if max_pages is not None and len(pages) == max_pages:
+            return pages, True
+        col.append(line)
+        if len(col) == per_column:
+            cols.append(col)
+            col = []
+            if len(cols) == columns:
+                pages.append(cols)
+                cols = []
+    if col:
+        cols.append(col)
+    if cols:
+        if max_pages is not None and len(pages) == max_pages:
+            return pages, True
+        pages.append(cols)
+    for cols in pages:
+        for col in cols:
+            while col and not col[-1].words:
+                col.pop()
+    return pages, False
+
+
+def _union(boxes: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def paint_line(ink: np.ndarray, line: Line, ts: Typesetter, x0: float, width: float,
+               baseline: int) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Blit the words of one line into ``ink``; return (word, clipped ink box) pairs. The hot loop of
+    rendering: one dict lookup and one numpy maximum per word."""
+    H, W = ink.shape
+    image, out = ts.image, []
+    for word, x in placements(line, ts, x0, width):
+        img = image(word)
+        mask = img.mask
+        mh, mw = mask.shape
+        bx, by = round(x) + img.left, baseline + img.top
+        if bx >= 0 and by >= 0 and bx + mw <= W and by + mh <= H:
+            if not mh:
+                continue
+            dst = ink[by:by + mh, bx:bx + mw]
+            np.maximum(dst, mask, out=dst)
+            out.append((word, (bx, by, bx + mw, by + mh)))
+            continue
+        cx1, cy1, cx2, cy2 = max(bx, 0), max(by, 0), min(bx + mw, W), min(by + mh, H)
+        if cx1 < cx2 and cy1 < cy2:  # ink crossing the page edge is clipped, and so is its box
+            dst = ink[cy1:cy2, cx1:cx2]
+            np.maximum(dst, mask[cy1 - by:cy2 - by, cx1 - bx:cx2 - bx], out=dst)
+            out.append((word, (cx1, cy1, cx2, cy2)))
+    return out
+
+
+def paint(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics, index: int) -> RenderedPage:
+    """Draw one page of columns and collect its ground truth."""
+    W, H = style.width, style.height
+    sx, sy = 999 / W, 999 / H  # boxes are clipped to the page, so no clamping is needed
+
+    def tb(text: str, b: tuple[int, int, int, int]) -> TextBox:
+        return TextBox(text, b, (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy)))
+
+    ink = np.zeros((H, W), np.uint8)
+    lines, words, blocks, texts = [], [], [], []
+    for c, col in enumerate(cols):
+        x0 = style.margin + c * (style.column_width + style.gap)
+        block_lines: list[TextBox] = []
+        for i, line in enumerate(col):
+            texts.append(line.text)
+            baseline = style.margin + round(m.first + i * m.pitch)
+            placed = paint_line(ink, line, ts, x0, style.column_width, baseline)
+            words += [tb(w, b) for w, b in placed]
+            if placed:
+                lines.append(tb(line.text, _union([b for _, b in placed])))
+                if line.para.block >= 0:
+                    block_lines.append(lines[-1])
+            nxt = col[i + 1].para.block if i + 1 < len(col) else None
+            if block_lines and nxt != line.para.block:
+                text = "\n".join(b.text for b in block_lines)
+                hull = tb(text, _union([b.box_px for b in block_lines]))
+                blocks.append(Block(line.para.label, text, hull.box_px, hull.box_999))
+                block_lines = []
+    image = ink_to_image(ink, style.fg, style.bg)
+    return RenderedPage(image=image, text="\n".join(texts), lines=lines, words=words, blocks=blocks, index=index)
+
+
+def prepare(text: str, style: PageStyle) -> tuple[str, Typesetter]:
+    """Normalise, refuse empty text and characters no installed face draws, pick the typesetter."""
+    if not isinstance(text, str):
+        raise RenderError(f"text must be a str, got {type(text).__name__}")
+    text = normalize(text)
+    if not text.strip():
+        raise RenderError("empty text: there is nothing to render")
+    ts = typesetter(style.font_family, style.font_size)
+    ts.stack.check(text)
+    return text, ts
+
+
+def _lines(paras: list[Paragraph], ts: Typesetter, width: float) -> Iterator[Line]:
+    for p in paras:
+        yield from wrap(p, ts, width)
+
+
+def render_text(text: str, style: PageStyle | None = None, *, max_pages: int | None = None) -> list[RenderedPage]:
+    """Render text onto as many pages as it needs (or the first ``max_pages``), with ground truth.
+
+    Raises RenderError for empty text, characters no installed font can draw, or a font too large
+    for the page.
+    """
+    style = style or PageStyle()
+    text, ts = prepare(text, style)
+    m = metrics(style, ts)
+    pages, _ = layout(_lines(paragraphs(text), ts, style.column_width), m.per_column, style.columns, max_pages)
+    return [augment(paint(cols, ts, style, m, i), style) for i, cols in enumerate(pages)]
