@@ -17,6 +17,7 @@ import inspect
 import random
 import re
 import string
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,22 +53,24 @@ def _paragraphs(doc: str) -> list[str]:
 def prose_paragraphs() -> tuple[str, ...]:
     """Paragraphs from the docstrings of TRAIN_MODULES and their public members (deterministic order)."""
     out: list[str] = []
-    for name in TRAIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # a module missing from a minimal Python build is skipped, not fatal
-            continue
-        docs = [inspect.getdoc(module) or ""]
-        for attr in sorted(dir(module)):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(module, attr, None)
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                if getattr(obj, "__module__", "") == module.__name__:
-                    docs.append(inspect.getdoc(obj) or "")
-        for doc in docs:
-            out.extend(_paragraphs(doc))
+    with warnings.catch_warnings():  # e.g. typing.io deprecation warnings raised by merely looking
+        warnings.simplefilter("ignore")
+        for name in TRAIN_MODULES:
+            out.extend(_module_paragraphs(name))
     return tuple(dict.fromkeys(out))  # de-duplicate, keep order
+
+
+def _module_paragraphs(name: str) -> list[str]:
+    try:
+        module = importlib.import_module(name)
+    except Exception:  # a module missing from a minimal Python build is skipped, not fatal
+        return []
+    docs = [inspect.getdoc(module) or ""]
+    for attr in sorted(dir(module)):
+        obj = None if attr.startswith("_") else getattr(module, attr, None)
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == module.__name__:
+            docs.append(inspect.getdoc(obj) or "")
+    return [p for doc in docs for p in _paragraphs(doc)]
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,143 @@
+"""Training checkpoints in safetensors (no pickle), written atomically, resumable exactly.
+
+A checkpoint is a folder ``step-XXXXXXX/`` with
+- ``model.safetensors``   : the model's state dict,
+- ``optim.safetensors``   : every optimizer state tensor, keyed ``<param index>.<name>``,
+- ``state.json``          : step, optimizer param groups and scalar state, scheduler state, Python RNG
+                            state and anything else the loop wants back (e.g. the data position),
+- ``rng.safetensors``     : torch CPU (and CUDA) generator states.
+It is written into ``.tmp-step-XXXXXXX`` and renamed, so a kill during save leaves the previous one intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from optictx.errors import WeightsError
+
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            key = f"{pid}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any = None, extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(model_sd, str(tmp / "model.safetensors"))
+    optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+    save_file(optim_tensors, str(tmp / "optim.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    save_file(rng, str(tmp / "rng.safetensors"))
+    state = {
+        "step": step,
+        "optimizer": optim_meta,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "python_random": _encode_random_state(random.getstate()),
+        "extra": extra or {},
+    }
+    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ``.tmp-*`` folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG in place; returns the state dict (step, extra, ...)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        model_sd = load_file(str(path / "model.safetensors"))
+    except (OSError, json.JSONDecodeError, Exception) as e:
+        raise WeightsError(f"checkpoint {path} is unreadable: {e}") from e
+    model.load_state_dict(model_sd)
+    if optimizer is not None:
+        tensors = load_file(str(path / "optim.safetensors"))
+        meta = state["optimizer"]
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+            pid, name = key.split(".", 1)
+            opt_state.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        rng = load_file(str(path / "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+        random.setstate(_decode_random_state(state["python_random"]))
+    return state
+
+
+def _encode_random_state(s: tuple) -> list:
+    version, internal, gauss = s
+    return [version, list(internal), gauss]
+
+
+def _decode_random_state(s: list) -> tuple:
+    version, internal, gauss = s
+    return (version, tuple(internal), gauss)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

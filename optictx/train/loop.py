@@ -1,0 +1,230 @@
+"""One training loop for every stage: AdamW, warm-up + cosine, accumulation, clipping, periodic eval,
+time-based checkpoints with exact resume, a metrics CSV and a loss plot, single process or torchrun DDP.
+
+A *task* supplies the data and the loss; it must make batch ``(step, micro, rank)`` a pure function of
+its arguments and its seed, so resuming at step N replays exactly the samples an uninterrupted run
+would have seen (the RNG and optimizer state come back from the checkpoint).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from optictx.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    max_steps: int
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    eval_every: int = 500
+    log_every: int = 10
+    ckpt_every_s: float = 300.0
+    keep_checkpoints: int = 2
+    seed: int = 0
+    fsdp: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    def batch(self, step: int, micro: int, rank: int, world: int) -> Any: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, float]: ...
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio`` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join a torchrun job when WORLD_SIZE>1 (gloo on CPU, nccl on GPU); no-op otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist_info()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap_model(model: torch.nn.Module, fsdp: bool) -> torch.nn.Module:
+    """DDP (or FSDP when asked) around the model in a multi-process job."""
+    _, world = dist_info()
+    if world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP(model, use_orig_params=True)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, find_unused_parameters=True)
+
+
+def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and 1-d parameters (embeddings of separators, gains)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, param_groups=None, progress: bool = True) -> dict:
+    """Run (or resume) training; returns the last logged metrics."""
+    rank, world = init_distributed()
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + rank)
+    groups = param_groups if param_groups is not None else default_param_groups(model, cfg.weight_decay)
+    for g in groups:  # a group may ask for a multiple of the peak LR (e.g. the projector)
+        g.setdefault("lr_scale", 1.0)
+        g["lr"] = cfg.lr * g["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    start = 0
+    resume_from = latest_checkpoint(ckpt_root)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start = state["step"]
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {start}", flush=True)
+    net = wrap_model(model, cfg.fsdp)
+    metrics_path = out / "metrics.csv"
+    last: dict[str, float] = {}
+    last_ckpt = time.monotonic()
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+    t0, seen_tokens = time.monotonic(), 0
+    for step in range(start, cfg.max_steps):
+        net.train()
+        optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = task.batch(step, micro, rank, world)
+            loss, parts = task.loss(net, batch, step)
+            (loss / cfg.grad_accum).backward()
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+            seen_tokens += int(parts.get("tokens", 0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            elapsed = max(1e-6, time.monotonic() - t0)
+            logs.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                        tokens_per_s=seen_tokens / elapsed)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "tokens_per_s", "gap")})
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            net.eval()
+            with torch.no_grad():
+                logs.update(task.evaluate(model, done) if rank == 0 else {})
+            net.train()
+        if rank == 0 and logs.get("step") == done:
+            _append_csv(metrics_path, logs)
+            last = logs
+        if time.monotonic() - last_ckpt > cfg.ckpt_every_s or done == cfg.max_steps:
+            if rank == 0:
+                save_checkpoint(ckpt_root, done, model, optimizer, scheduler,
+                                extra={"config": asdict(cfg)}, keep=cfg.keep_checkpoints)
+            last_ckpt = time.monotonic()
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        plot_metrics(metrics_path, out / "loss.png")
+    return last
+
+
+def _append_csv(path: Path, row: dict[str, float]) -> None:
+    """Append a row; when new columns appear (eval rows), rewrite the file with the union header."""
+    rows: list[dict[str, Any]] = []
+    header: list[str] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    new_cols = [k for k in row if k not in header]
+    if new_cols or not path.exists():
+        header = header + new_cols
+        rows.append(row)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    else:
+        with path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=header).writerow(row)
+
+
+def plot_metrics(csv_path: Path, png_path: Path) -> None:
+    """Loss (and eval curves when present) against step, written with matplotlib's Agg backend."""
+    if not csv_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    cols = [c for c in rows[0] if c not in ("step", "lr", "grad_norm", "tokens_per_s", "tokens")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [float(r["step"]) for r in rows]
+    for c in cols:
+        pts = [(s, float(r[c])) for s, r in zip(steps, rows) if r.get(c) not in (None, "")]
+        if pts:
+            ax.plot(*zip(*pts), label=c, marker="o" if len(pts) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
