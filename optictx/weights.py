@@ -9,12 +9,13 @@ allocated twice. Every header is checked before any data is read: a lying or cor
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +25,7 @@ from torch import nn
 from optictx.config import DeepseekOCRConfig
 from optictx.device import default_device, resolve_dtype
 from optictx.errors import ModelNotFoundError, WeightsError
+from optictx.model.vlm import IMAGE_TOKEN_ID, DeepseekOCRForCausalLM
 
 SINGLE_FILE = "model-00001-of-000001.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -91,7 +93,9 @@ def _check_entry(path: Path, name: str, info: dict, data_size: int) -> None:
     for d in shape:
         numel *= d
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size):
-        raise WeightsError(f"{path}: tensor {name!r} points at bytes [{start}, {end}) outside the {data_size}-byte data")
+        raise WeightsError(
+            f"{path}: tensor {name!r} points at bytes [{start}, {end}) outside the {data_size}-byte data section"
+        )
     if end - start != numel * _ITEMSIZE[dtype]:
         raise WeightsError(
             f"{path}: header lies about {name!r}: {dtype}{shape} needs {numel * _ITEMSIZE[dtype]} bytes, "
@@ -207,19 +211,33 @@ def params_on_meta() -> Iterator[None]:
 
     Unlike ``with torch.device("meta")``, buffers (e.g. CLIP's ``position_ids``, which no checkpoint
     holds) keep their values; only parameters, which loading replaces anyway, become placeholders.
+    ``nn.init`` calls on meta tensors are skipped: they do nothing useful, and the first meta
+    ``normal_`` imports torch._dynamo (6-8 s on our CPUs).
     """
     original = nn.Module.register_parameter
+    inits = {n: f for n, f in vars(nn.init).items() if n.endswith("_") and not n.startswith("_") and callable(f)}
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and not param.is_meta:
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
+    def skip_meta(fn):
+        @functools.wraps(fn)
+        def init(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else fn(tensor, *args, **kwargs)
+
+        return init
+
     nn.Module.register_parameter = register
+    for n, f in inits.items():
+        setattr(nn.init, n, skip_meta(f))
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for n, f in inits.items():
+            setattr(nn.init, n, f)
 
 
 # --------------------------------------------------------------------------- resolving names
@@ -257,7 +275,9 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return BUNDLED_DIR / name
     if not _REPO_ID.match(name):
         bundled = sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()) if BUNDLED_DIR.is_dir() else []
-        raise ModelNotFoundError(f"no model folder {path}; bundled models: {bundled or 'none'}; or use a hub id owner/name")
+        raise ModelNotFoundError(
+            f"no model folder {path}; bundled models: {bundled or 'none'}; or give a hub id owner/name"
+        )
     return _snapshot(name)
 
 
@@ -269,11 +289,11 @@ def _snapshot(repo_id: str) -> Path:
     if not _offline():
         try:
             return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_PATTERNS))
-        except Exception as e:  # network down, unknown repo, gated, ...: fall back to the cache
+        except Exception as e:  # noqa: BLE001 - network down, unknown repo, gated, ...: fall back to the cache
             online_error = e
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_PATTERNS, local_files_only=True))
-    except Exception:
+    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError
         folder = cache / ("models--" + repo_id.replace("/", "--"))
         why = "HF_HUB_OFFLINE=1" if online_error is None else f"download failed: {online_error}"
         raise ModelNotFoundError(
@@ -286,16 +306,16 @@ def _snapshot(repo_id: str) -> Path:
 # --------------------------------------------------------------------------- whole models
 def from_pretrained(
     path_or_repo_id: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None
-):
+) -> DeepseekOCRForCausalLM:
     """Build ``DeepseekOCRForCausalLM`` from ``config.json`` and load its safetensors by the official names."""
-    from optictx.model.vlm import DeepseekOCRForCausalLM
-
     folder = resolve_model_path(path_or_repo_id)
     cfg = DeepseekOCRConfig.from_json_file(folder / "config.json")
+    # not a DeepseekOCRConfig field: the official file omits it (128815); our tiny models write their own
+    image_token_id = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("image_token_id")
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     with params_on_meta():
-        model = DeepseekOCRForCausalLM(cfg)
+        model = DeepseekOCRForCausalLM(cfg) if image_token_id is None else DeepseekOCRForCausalLM(cfg, image_token_id)
     load_into(model, folder, torch_dtype, device)
     return model.to(device).eval()
 
@@ -321,6 +341,9 @@ def save_pretrained(model: nn.Module, cfg: DeepseekOCRConfig, directory: str | P
     _atomic(directory / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8"))
     config = cfg.to_dict()
     config["torch_dtype"] = config["language_config"]["torch_dtype"] = _dtype_name(torch_dtype)
+    image_token_id = getattr(model, "image_token_id", None)
+    if image_token_id is not None and image_token_id != IMAGE_TOKEN_ID:
+        config["image_token_id"] = image_token_id
     _atomic(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
     return directory
 

@@ -48,7 +48,8 @@ def test_rmsnorm_formula_and_fp32_compute():
     out = norm(xb)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, want)
-    assert not torch.equal(out, (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.float()).bfloat16())
+    weight_first = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.float()).bfloat16()
+    assert not torch.equal(out, weight_first)
 
 
 def test_rope_is_llama_rotate_half_layout():

@@ -95,9 +95,9 @@ def test_bias_changes_selection_not_weights():
     x = torch.randn(4, 32)
     gate.e_score_correction_bias.zero_()
     gate.e_score_correction_bias[[5, 6]] = 100.0  # force experts 5 and 6
-    w, idx, scores = gate(x)
+    w, idx, _ = gate(x)
     assert sorted(idx[0].tolist()) == [5, 6]
-    torch.testing.assert_close(w, torch.sigmoid(x @ gate.weight.T)[:, :].gather(1, idx))
+    torch.testing.assert_close(w, torch.sigmoid(x @ gate.weight.T).gather(1, idx))
 
 
 def test_nudge_bias_moves_towards_balance():
@@ -140,3 +140,14 @@ def test_mlp_swiglu():
     x = torch.randn(3, 6)
     want = m.down_proj.weight @ (torch.nn.functional.silu(m.gate_proj.weight @ x.T) * (m.up_proj.weight @ x.T))
     torch.testing.assert_close(m(x), want.T)
+
+
+def test_moe_builds_from_the_primitives_config():
+    """The visual-primitives model reuses this MoE with its V3-style config (sigmoid, noaux_tc, renorm)."""
+    from optictx.config import primitives_tiny
+
+    cfg = primitives_tiny()
+    moe = MoE(cfg)
+    assert moe.gate.e_score_correction_bias is not None and len(moe.experts) == cfg.n_routed_experts
+    w, _, _ = moe.gate(torch.randn(4, cfg.hidden_size))
+    torch.testing.assert_close(w.sum(-1), torch.full((4,), cfg.routed_scaling_factor))

@@ -13,8 +13,8 @@ from optictx.config import deepseek_ocr, ocr_tiny
 from optictx.errors import ModelNotFoundError, WeightsError
 from optictx.model.vlm import DeepseekOCRForCausalLM
 from optictx.weights import (
-    INDEX_FILE, SINGLE_FILE, check_keys, from_pretrained, load_state_dict, read_header, resolve_model_path,
-    save_pretrained,
+    INDEX_FILE, SINGLE_FILE, check_keys, from_pretrained, load_state_dict, params_on_meta, read_header,
+    resolve_model_path, save_pretrained,
 )
 
 
@@ -78,8 +78,10 @@ def official_encoder_keys() -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def official_meta():
-    with torch.device("meta"):
-        return DeepseekOCRForCausalLM(deepseek_ocr())
+    with params_on_meta():  # parameters on meta (what from_pretrained builds), no memory, no init
+        model = DeepseekOCRForCausalLM(deepseek_ocr())
+    assert all(p.is_meta for p in model.parameters())
+    return model
 
 
 def test_official_config_on_meta_has_exact_count_and_keys(official_meta):
@@ -131,6 +133,8 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
     assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in model.state_dict().values())
     config = json.loads((out_dir / "config.json").read_text())
     assert config["hidden_size"] == 256 and config["language_config"]["n_routed_experts"] == 8
+
+    assert "image_token_id" not in config  # official id: the file stays like the official one
 
     loaded = from_pretrained(out_dir, dtype="fp32", device="cpu")
     assert not loaded.training
@@ -269,10 +273,11 @@ def test_local_paths(tmp_path):
 
 def test_save_is_atomic_and_overwrites(tmp_path):
     torch.manual_seed(1)
-    model = DeepseekOCRForCausalLM(ocr_tiny())
+    model = DeepseekOCRForCausalLM(ocr_tiny(), image_token_id=9)
     save_pretrained(model, model.config, tmp_path, dtype="bf16")
     first = (tmp_path / SINGLE_FILE).stat().st_size
     save_pretrained(model, model.config, tmp_path, dtype="fp32")
     assert (tmp_path / SINGLE_FILE).stat().st_size > first
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert from_pretrained(tmp_path, dtype="fp32", device="cpu").image_token_id == 9  # a tiny tokenizer's id

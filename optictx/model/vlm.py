@@ -8,7 +8,8 @@ without renaming.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,7 +37,9 @@ class DeepseekOCRModel(DeepseekV2Model, DeepEncoder):
     forward = DeepseekV2Model.forward  # DeepEncoder aliases forward to encode; the decoder's wins here
 
 
-def splice_images(embeds: torch.Tensor, image_embeds: Sequence[torch.Tensor], images_seq_mask: torch.Tensor) -> torch.Tensor:
+def splice_images(
+    embeds: torch.Tensor, image_embeds: Sequence[torch.Tensor], images_seq_mask: torch.Tensor
+) -> torch.Tensor:
     """Place image slot embeddings, in order, at the True positions of ``images_seq_mask`` [B, T].
 
     The slots are filled row-major (row 0's positions first), so ``image_embeds`` lists the images of
