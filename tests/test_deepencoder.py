@@ -333,6 +333,24 @@ def test_batched_encode_equals_one_image_at_a_time(micro):
     assert DeepEncoder.forward is DeepEncoder.encode
 
 
+def test_large_batches_are_cut_to_bound_the_mask_memory(micro, monkeypatch):
+    from optictx.model import deepencoder
+
+    batch = [views(128, 64, (2, 2), seed=1), views(128, 64, (1, 3), seed=4)]
+    with torch.no_grad():
+        whole = micro.encode(batch)
+    # a 128-px view: 2 heads x 64^2 fp32 entries = 32 KiB of mask; 64-px crops: 2 x 16^2 x 4 = 2 KiB
+    monkeypatch.setattr(deepencoder, "MASK_BYTES_PER_CALL", 5 * 2048)
+    calls = []
+    hook = micro.sam_model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        cut = micro.encode(batch)
+    hook.remove()
+    assert calls == [1, 1, 5, 2]
+    for a, b in zip(whole, cut):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_runs_in_the_weights_dtype(micro):
     v = views(128, 64, (2, 1))
     with torch.no_grad():

@@ -22,6 +22,10 @@ from optictx.errors import ImageError
 from optictx.model.clip import VitModel
 from optictx.model.sam import ImageEncoderViT
 
+# Views of one size go through SAM together, but a global block materialises a [B, heads, L, L] rel-pos mask
+# (805 MB per 1024-px view in fp32), so a batch is cut into calls whose masks stay under this many bytes.
+MASK_BYTES_PER_CALL = 2 << 30
+
 if TYPE_CHECKING:  # preprocess sits upstream in the data walk; only its field names are used here
     from optictx.preprocess import ImageViews
 
@@ -61,11 +65,12 @@ class DeepEncoder(nn.Module):
     def feature_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, h, w, n_embed] token grid.
 
-        Runs in the dtype of the weights; only the position-table resizes run in fp32.
+        Runs on the device and in the dtype of the weights; only the position-table resizes run in fp32.
         """
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ImageError(f"DeepEncoder expects pixels shaped [B, 3, H, W], got {list(pixel_values.shape)}")
-        x = pixel_values.to(self.projector.layers.weight.dtype)
+        weight = self.projector.layers.weight
+        x = pixel_values.to(device=weight.device, dtype=weight.dtype)  # views are built on the CPU
         sam = self.sam_model(x)  # [B, C3, h, w]
         clip = self.vision_model(x.shape[0], sam)  # [B, 1 + h*w, C3], CLS first
         fused = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)  # [CLIP, SAM] order
@@ -79,10 +84,20 @@ class DeepEncoder(nn.Module):
         out: list[torch.Tensor] = [torch.empty(0)] * len(images)
         for (height, width), idx in groups.items():
             batch = [images[i].reshape(-1, 3, height, width) for i in idx]
-            grids = self.feature_grid(torch.cat(batch))
+            pixels = torch.cat(batch)
+            step = self._views_per_call(height, width)
+            grids = torch.cat([self.feature_grid(chunk) for chunk in pixels.split(step)])
             for i, g in zip(idx, grids.split([b.shape[0] for b in batch])):
                 out[i] = g
         return out
+
+    def _views_per_call(self, height: int, width: int) -> int:
+        """How many views of this size fit one SAM call under MASK_BYTES_PER_CALL."""
+        patch = self.sam_model.patch_embed.proj.stride[0]
+        tokens = (height // patch) * (width // patch)
+        heads = self.sam_model.blocks[0].attn.heads
+        mask_bytes = heads * tokens * tokens * self.sam_model.pos_embed.element_size()
+        return max(1, MASK_BYTES_PER_CALL // max(1, mask_bytes))
 
     def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
         """[rows, cols, C] -> [rows * (cols + 1), C] with image_newline after every row."""
