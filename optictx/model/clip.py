@@ -115,7 +115,9 @@ class VitModel(nn.Module):
         # pre_layernorm_epsilon equals layernorm_epsilon (1e-5) in the official config
         self.pre_layrnorm = LayerNormFp32(cfg.width, eps=cfg.layernorm_epsilon)
 
-    def forward(self, pixel_values_or_batch_size: torch.Tensor | int, patch_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, pixel_values_or_batch_size: torch.Tensor | int, patch_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = pixel_values_or_batch_size
         batch = x if isinstance(x, int) else x.shape[0]
         if patch_embeds is None:  # plain CLIP on pixels; DeepEncoder always passes SAM features instead

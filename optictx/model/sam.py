@@ -44,7 +44,9 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return table[relative.long()]
 
 
-def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+def rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
     """Decomposed rel-pos bias [N, H*W, H*W] for queries q [N, H*W, d] (unscaled q, as the official code)."""
     h, w = hw
     r_h = get_rel_pos(h, h, rel_pos_h)
@@ -69,7 +71,9 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
 
 
-def window_unpartition(windows: torch.Tensor, window: int, padded: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
     """Inverse of ``window_partition``: stitch windows back and crop the padding."""
     hp, wp = padded
     b = windows.shape[0] // ((hp // window) * (wp // window))
@@ -181,7 +185,9 @@ class ImageEncoderViT(nn.Module):
             LayerNorm2d(cfg.out_chans),
         )
         if len(cfg.downsample_channels) != 2:
-            raise ConfigError(f"sam downsample_channels must hold 2 values (net_2, net_3), got {cfg.downsample_channels}")
+            raise ConfigError(
+                f"sam downsample_channels must hold 2 values (net_2, net_3), got {cfg.downsample_channels}"
+            )
         c2, c3 = cfg.downsample_channels
         self.net_2 = nn.Conv2d(cfg.out_chans, c2, kernel_size=3, stride=2, padding=1, bias=False)
         self.net_3 = nn.Conv2d(c2, c3, kernel_size=3, stride=2, padding=1, bias=False)
