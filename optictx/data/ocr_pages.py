@@ -16,8 +16,19 @@ from PIL import Image
 from optictx.data.corpus import TextSampler, heldout_paragraphs
 from optictx.render import PageStyle, render_text
 
-# Tiny-model font: one fixed monospace face (the product renders its own pages for optical memory).
-FONT_FAMILY = "mono"
+# Tiny-model font: one fixed monospace face, pinned by file (DejaVu Sans Mono, Debian fonts-dejavu-core) so that
+# installing another mono font (e.g. Noto Sans Mono) never changes the pixels the bundled model was trained on.
+TINY_MODEL_FONT = "DejaVuSansMono.ttf"
+
+
+def tiny_model_font() -> str:
+    from optictx.errors import RenderError
+    from optictx.render.fonts import find_font
+
+    found = find_font([(TINY_MODEL_FONT, 0)])
+    if found is None:
+        raise RenderError(f"the bundled model reads {TINY_MODEL_FONT}; install Debian fonts-dejavu-core")
+    return found.path
 
 
 @dataclass
@@ -63,7 +74,7 @@ def char_cells(text_lines: list[tuple[str, tuple[float, float, float, float]]], 
 
 def render_page(text: str, font_size: int, page_size: int, grid: int, max_lines: int | None = None) -> OCRPage:
     """Render `text` on one square page; text that does not fit is dropped (the target is what is drawn)."""
-    style = PageStyle(width=page_size, height=page_size, margin=max(2, page_size // 64), font_family=FONT_FAMILY,
+    style = PageStyle(width=page_size, height=page_size, margin=max(2, page_size // 64), font_family=tiny_model_font(),
                       font_size=font_size, line_spacing=1.15)
     page = render_text(text, style)[0]
     lines = [(b.text, b.box_px) for b in page.lines]
