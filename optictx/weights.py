@@ -85,9 +85,9 @@ def _check_entry(path: Path, name: str, info: dict, data_size: int) -> None:
         dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
     except (KeyError, TypeError, ValueError):
         raise WeightsError(f"{path}: header entry {name!r} lacks dtype/shape/data_offsets") from None
-    if dtype not in _ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
         raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise WeightsError(f"{path}: tensor {name!r} has an invalid shape {shape}")
     numel = 1
     for d in shape:

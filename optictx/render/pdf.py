@@ -25,6 +25,7 @@ MAX_PAGE_PIXELS = 60_000_000
 144 DPI would be 40000 px on a side: refused before pdfium allocates gigabytes."""
 
 _LOAD_ERRORS = {
+    pdfium_c.FPDF_ERR_SUCCESS: "it has no pages (its page tree is empty or missing)",
     pdfium_c.FPDF_ERR_FILE: "the file cannot be opened or read",
     pdfium_c.FPDF_ERR_FORMAT: "it is not a PDF or it is corrupt",
     pdfium_c.FPDF_ERR_PASSWORD: "it is encrypted and needs a password (pass password=...)",
