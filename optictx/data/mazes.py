@@ -483,6 +483,7 @@ def analyse_trace(text: str, meta: dict) -> TraceReport:
     geo = Geometry(n, meta["side"], meta["margin"], meta["cell_px"])
     lists, final_idx = _point_lists(text if isinstance(text, str) else "")
     report = TraceReport(explored={meta["start"]})
+    claimed = {meta["start"]}  # every cell the trace says it reached, valid or not (for teleport checks)
     causal = True
     for i, coords in enumerate(lists):
         cells = [geo.snap(p) for p in coords]
@@ -490,7 +491,7 @@ def analyse_trace(text: str, meta: dict) -> TraceReport:
             report.final_path = cells
         if len(cells) < 2:
             continue  # a mention ("start", "goal"), not a move
-        if i != final_idx and (cells[0] is None or cells[0] not in report.explored):
+        if i != final_idx and (cells[0] is None or cells[0] not in claimed):
             report.violations += 1  # a move that starts somewhere never reached: a teleport
             causal = False
         for a, b in zip(cells, cells[1:]):
@@ -501,8 +502,10 @@ def analyse_trace(text: str, meta: dict) -> TraceReport:
             if run is None:
                 report.violations += 1
                 causal = False
-            elif causal and i != final_idx:
-                report.explored.update(run)
+            if i != final_idx:
+                claimed.update(run or [c for c in (a, b) if c is not None])
+                if causal:
+                    report.explored.update(run)
     fp = report.final_path
     if fp and None not in fp:
         report.final_path_valid = (fp[0] == meta["start"] and fp[-1] == meta["goal"] and
