@@ -17,11 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 def annotate(page: Image.Image, lines: list[str]) -> Image.Image:
     """The page scaled 2x with the model's reading and the figures printed below it."""
-    from optictx.render.fonts import find_font
+    from optictx.data.ocr_pages import tiny_model_font
 
     scale = 2
     big = page.resize((page.width * scale, page.height * scale), Image.NEAREST)
-    font = ImageFont.truetype(str(find_font("mono")), 13)
+    font = ImageFont.truetype(tiny_model_font(), 13)
     wrapped = [w for line in lines for w in (textwrap.wrap(line, 70) or [""])]
     out = Image.new("RGB", (max(big.width, 560), big.height + 18 * len(wrapped) + 16), "white")
     out.paste(big, (0, 0))
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from optictx.budget import text_tokens
+    from optictx.budget import ocr_budget, text_tokens
     from optictx.eval.compression import heldout_text
     from optictx.eval.metrics import normalized_edit_distance, ocr_precision_recall
     from optictx.data.ocr_pages import render_page
@@ -46,20 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path("out/demo")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        ocr = OCR("tiny")
+        ocr = OCR("tiny", max_new_tokens=400)
     except OptictxError as e:
         console.print(f"[red]cannot load the bundled model:[/red] {e}")
         return 2
+    side = ocr.mode.base_size
+    budget = ocr_budget(side, side, ocr.mode)
     rng = random.Random(7)
     font_size = 12
-    page = render_page(heldout_text(rng, 420), font_size, ocr.page_size, ocr.page_size // 64)
+    page = render_page(heldout_text(rng, 420), font_size, side, side // 64)
     page.image.save(out / "page.png")
     n_text = text_tokens(page.text)
     table = Table(title="Optical compression budget (one page)")
     for col in ("page", "vision tokens", "decoder slots", "text tokens (DeepSeek)", "compression"):
         table.add_column(col, justify="right")
-    table.add_row(f"{ocr.page_size}x{ocr.page_size}px, {font_size}px mono", str(ocr.vision_tokens),
-                  str(ocr.decoder_slots), str(n_text), f"{n_text / ocr.vision_tokens:.1f}x")
+    table.add_row(f"{side}x{side}px, {font_size}px mono", str(budget.vision_tokens),
+                  str(budget.decoder_slots), str(n_text), f"{n_text / budget.vision_tokens:.1f}x")
     console.print(table)
     console.print("[bold]Ground truth (held-out text, never seen in training):[/bold]")
     console.print(page.text)
@@ -69,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print("\n[bold]ocr-tiny read:[/bold]")
     console.print(result.text)
     console.print(f"\nprecision {100 * precision:.1f}%  recall {100 * recall:.1f}%  edit distance {ned:.3f}  "
-                  f"compression {n_text / ocr.vision_tokens:.1f}x  ({result.timings.get('total_s', 0):.1f} s)")
+                  f"compression {n_text / budget.vision_tokens:.1f}x  ({result.timings.total_s:.1f} s)")
     annotate(page.image, ["ocr-tiny read:", result.text,
                           f"precision {100 * precision:.1f}%  edit distance {ned:.3f}  "
-                          f"{ocr.vision_tokens} vision tokens for {n_text} text tokens "
-                          f"({n_text / ocr.vision_tokens:.1f}x)"]).save(out / "annotated.png")
+                          f"{budget.vision_tokens} vision tokens for {n_text} text tokens "
+                          f"({n_text / budget.vision_tokens:.1f}x)"]).save(out / "annotated.png")
     console.print(f"wrote {out / 'page.png'} and {out / 'annotated.png'}")
     return 0
 

@@ -50,9 +50,11 @@ def run_compression(args: argparse.Namespace) -> int:
     from optictx.eval import compression as cmp
     from optictx.ocr import OCR
 
+    from optictx.budget import ocr_budget
+
     ocr = OCR(args.model, prompt="free-ocr", max_new_tokens=args.max_new_tokens)
-    vision_tokens = ocr.vision_tokens
-    page_size = ocr.page_size
+    page_size = ocr.mode.base_size
+    vision_tokens = ocr_budget(page_size, page_size, ocr.mode).vision_tokens
     fonts = [int(f) for f in args.fonts.split(",") if f.strip()]
     pages = cmp.make_pages(args.pages, fonts, page_size=page_size, grid=page_size // 64)
     scores = cmp.score_pages(lambda im: ocr(im).text, pages, vision_tokens, use_tesseract=not args.no_tesseract)
