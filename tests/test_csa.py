@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from optictx.config import primitives_tiny
+from optictx.model import csa
 from optictx.model.cache import KVCache
 from optictx.model.csa import (
     CompressedSparseAttention,
@@ -85,8 +86,15 @@ def test_pooling_is_gated_softmax_over_overlapping_slots():
     assert torch.allclose(entries, expected, atol=1e-6)
 
 
+@pytest.fixture(params=[3, 128], ids=["query-chunk-3", "query-chunk-128"])
+def query_chunk(request, monkeypatch):
+    """Run a test with tiny query chunks too, so chunk edges fall inside windows and blocks."""
+    monkeypatch.setattr(csa, "QUERY_CHUNK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("ratio", [0, 4, 8])
-def test_decode_and_chunked_prefill_equal_one_pass(ratio):
+def test_decode_and_chunked_prefill_equal_one_pass(ratio, query_chunk):
     torch.manual_seed(2)
     layer = _layer(ratio)
     x = torch.randn(2, 23, 48)
@@ -100,7 +108,7 @@ def test_decode_and_chunked_prefill_equal_one_pass(ratio):
 
 
 @pytest.mark.parametrize("ratio", [0, 4, 8])
-def test_perturbing_a_future_token_never_changes_earlier_outputs(ratio):
+def test_perturbing_a_future_token_never_changes_earlier_outputs(ratio, query_chunk):
     torch.manual_seed(3)
     layer = _layer(ratio)
     x = torch.randn(1, 24, 48)
@@ -143,7 +151,7 @@ def _reference(layer: CompressedSparseAttention, x: torch.Tensor, chosen_entries
     return layer._out(out)
 
 
-def test_hca_attends_every_visible_entry():
+def test_hca_attends_every_visible_entry(query_chunk):
     torch.manual_seed(4)
     layer = _layer(3)  # non-overlapping, no indexer
     assert layer.indexer is None
@@ -156,7 +164,7 @@ SEED_NO_TIES = 0
 
 
 @torch.no_grad()
-def test_csa_attends_the_indexer_top_k():
+def test_csa_attends_the_indexer_top_k(query_chunk):
     layer = _layer(4, seed=SEED_NO_TIES, index_n_heads=4)
     x = torch.randn(1, 26, 48)
     pos = _pos(1, 26)
@@ -180,7 +188,7 @@ def test_csa_attends_the_indexer_top_k():
 
 
 @pytest.mark.parametrize("ratio", [0, 4])
-def test_left_padding_by_whole_blocks_changes_nothing(ratio):
+def test_left_padding_by_whole_blocks_changes_nothing(ratio, query_chunk):
     torch.manual_seed(6)
     layer = _layer(ratio, sliding_window=7)
     x = torch.randn(1, 13, 48)

@@ -36,7 +36,7 @@ from optictx.model.cache import KVCache
 from optictx.model.mla import apply_rope_interleaved, rope_angles
 
 MASKED = -1e30  # finite "minus infinity": a block with no real token pools to a finite (ignored) entry
-QUERY_CHUNK = 512  # queries per gather; bounds memory at chunk × (window + top-k) × head_dim
+QUERY_CHUNK = 128  # queries per step; bounds memory at chunk × (window + chunk + top-k) per head
 
 
 def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rd: int, inverse: bool = False) -> torch.Tensor:
@@ -124,14 +124,39 @@ def entry_visibility(n_entries: int, query_slots: torch.Tensor, ratio: int) -> t
 def entry_validity(attention_mask: torch.Tensor, n_entries: int, ratio: int, overlap: bool) -> torch.Tensor:
     """Bool [B, N]: an entry is real iff one of the tokens it pools is real (padding-only blocks are hidden)."""
     b = attention_mask.shape[0]
-    need = n_entries * ratio
-    mask = attention_mask[:, :need].bool()
-    if mask.shape[1] < need:  # pragma: no cover - entries never outrun the mask
-        mask = torch.cat([mask, mask.new_zeros(b, need - mask.shape[1])], dim=1)
-    own = mask.view(b, n_entries, ratio).any(-1)
+    own = attention_mask[:, : n_entries * ratio].bool().view(b, n_entries, ratio).any(-1)
     if overlap:  # entry j also pools the A-half of block j-1
         own = own | torch.cat([own.new_zeros(b, 1), own[:, :-1]], dim=1)
     return own
+
+
+@dataclass
+class Visibility:
+    """Which compressed entries the queries at slots ``start..`` may use: causal rule & padding validity."""
+
+    start: int
+    ratio: int
+    valid: torch.Tensor | None  # [B, N] or None (all real)
+
+    def horizon(self, e: int) -> int:
+        """Entries any of the first ``e`` queries can see (a prefix: later entries are never visible)."""
+        return (self.start + e) // self.ratio
+
+    def mask(self, s: int, e: int, lo: int, n: int, device: torch.device) -> torch.Tensor:
+        """Bool [B|1, e-s, n-lo]: may query s.. of this call use entry lo..n-1?"""
+        vis = entry_visibility(n, torch.arange(self.start + s, self.start + e, device=device), self.ratio)
+        vis = vis[None, :, lo:]
+        return vis if self.valid is None else vis & self.valid[:, None, lo:n]
+
+    def hide_(self, scores: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """Set scores [B, c, (H,) n] of invisible entries to -inf, in place. Without padding only the causal
+        tail needs it: entries below (start+s+1)//m are visible to every query of the chunk."""
+        n = scores.shape[-1]
+        lo = 0 if self.valid is not None else min(n, (self.start + s + 1) // self.ratio)
+        if lo < n:
+            hidden = ~self.mask(s, e, lo, n, scores.device)
+            scores[..., lo:].masked_fill_(hidden[:, :, None, :] if scores.dim() == 4 else hidden, float("-inf"))
+        return scores
 
 
 # --------------------------------------------------------------------------- lightning indexer
@@ -154,12 +179,7 @@ class LightningIndexer(nn.Module):
         self.scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
     def select(
-        self,
-        x: torch.Tensor,
-        qr: torch.Tensor,
-        position_ids: torch.Tensor,
-        keys: torch.Tensor,
-        visible: torch.Tensor,
+        self, x: torch.Tensor, qr: torch.Tensor, position_ids: torch.Tensor, keys: torch.Tensor, vis: Visibility
     ) -> torch.Tensor:
         """Top-k entry indices [B, T, min(k, N)] per query; -1 where fewer than k entries are visible."""
         b, t, _ = x.shape
@@ -169,46 +189,74 @@ class LightningIndexer(nn.Module):
         cos, sin = rope_angles(position_ids.expand(b, t), self.rope_dim, self.rope_theta)
         q = rope_last(self.wq_b(qr).view(b, t, self.n_heads, self.head_dim), cos, sin, self.rope_dim)
         w = self.weights_proj(x).float() * self.scale  # [B, T, H_I]
-        out = []
+        out = torch.full((b, t, k), -1, dtype=torch.long, device=x.device)
         for s in range(0, t, QUERY_CHUNK):
             e = min(t, s + QUERY_CHUNK)
-            logits = torch.einsum("bthd,bnd->bthn", q[:, s:e], keys).float().relu()
-            score = torch.einsum("bthn,bth->btn", logits, w[:, s:e])
-            vis = visible[:, s:e]
-            idx = score.masked_fill(~vis, float("-inf")).topk(k, dim=-1).indices
-            out.append(torch.where(vis.expand(b, -1, -1).gather(-1, idx), idx, -1))
-        return torch.cat(out, dim=1)
+            n = vis.horizon(e)  # score only the prefix some query of the chunk can see
+            if n == 0:
+                continue
+            qc = q[:, s:e].reshape(b, -1, self.head_dim)  # [B, c·H_I, d]: one GEMM against the keys
+            logits = (qc @ keys[:, :n].transpose(1, 2)).float().relu_().view(b, e - s, self.n_heads, n)
+            score = vis.hide_((w[:, s:e, None, :] @ logits).squeeze(2), s, e)  # Σ_h w·ReLU(q·k): [B, c, n]
+            top = score.topk(min(k, n), dim=-1, sorted=False)
+            out[:, s:e, : top.indices.shape[-1]] = torch.where(top.values > float("-inf"), top.indices, -1)
+        return out
 
 
 # --------------------------------------------------------------------------- sparse attention core
 def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+    q: torch.Tensor,
+    raw: torch.Tensor,
+    raw_valid: torch.Tensor | None,
+    window: int,
+    sink: torch.Tensor,
+    scale: float,
+    entries: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
+    vis: Visibility | None = None,
 ) -> torch.Tensor:
-    """o[t,h] = Σ_i p_i kv[idx[t,i]], p = softmax over the selected scores and the sink logit (dropped).
+    """One softmax per query over its window tokens, its compressed entries and the sink (dropped).
 
-    q [B, T, H, D], kv [B, S, D] (K = V, shared by all heads), idx [B, T, K] with -1 = skip.
+    q [B, T, H, D]; raw [B, P+T, D] raw kv with query i at raw index P+i (K = V, shared by all heads);
+    raw_valid [B, P+T] (padding) or None. Entries [B, N, D]: CSA gathers ``selected`` [B, T, K] (-1 = skip);
+    HCA (``selected`` None) attends every entry ``vis`` allows. Queries run in chunks; the window of a chunk
+    is one contiguous slice of ``raw`` (a banded GEMM), so nothing T×T is ever built.
     """
-    b, t, h, _ = q.shape
-    idx = idx.expand(b, -1, -1)
-    rows = torch.arange(b, device=q.device)[:, None, None]
+    b, t, h, d = q.shape
+    n_past = raw.shape[1] - t
+    sinks = sink.float().view(1, 1, h, 1)
+    flat = entries.reshape(-1, d) if entries is not None else None
+    row_offset = torch.arange(b, device=q.device)[:, None, None] * (entries.shape[1] if entries is not None else 0)
     out = []
     for s in range(0, t, QUERY_CHUNK):
         e = min(t, s + QUERY_CHUNK)
-        sel = idx[:, s:e]
-        picked = kv[rows, sel.clamp(min=0)]  # [B, c, K, D]
-        scores = torch.einsum("bchd,bckd->bchk", q[:, s:e], picked).float() * scale
-        scores = scores.masked_fill((sel < 0)[:, :, None, :], float("-inf"))
-        sinks = sink.float().view(1, 1, h, 1).expand(b, e - s, h, 1)
-        probs = torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :-1]
-        out.append(torch.einsum("bchk,bckd->bchd", probs.to(kv.dtype), picked))
+        qc = q[:, s:e]
+        lo, hi = max(0, n_past + s - window + 1), n_past + e
+        keys = raw[:, lo:hi]  # the chunk's window: one contiguous slice
+        i = torch.arange(n_past + s, hi, device=q.device)[:, None]
+        j = torch.arange(lo, hi, device=q.device)[None, :]
+        allowed = ((j <= i) & (j > i - window))[None]  # [1, c, L]
+        if raw_valid is not None:
+            allowed = allowed & raw_valid[:, None, lo:hi]
+        parts = [torch.einsum("bchd,bld->bchl", qc, keys).float().masked_fill_(~allowed[:, :, None], float("-inf"))]
+        picked = None
+        if entries is not None and selected is not None:  # CSA: gather the top-k entries of each query
+            sel = selected[:, s:e]
+            picked = flat.index_select(0, (sel.clamp(min=0) + row_offset).flatten()).view(*sel.shape, d)
+            sc = torch.einsum("bchd,bckd->bchk", qc, picked).float()
+            parts.append(sc.masked_fill_((sel < 0)[:, :, None, :], float("-inf")))
+        elif entries is not None and vis is not None:  # HCA: every visible entry (a short prefix)
+            picked = entries[:, : vis.horizon(e)]
+            parts.append(vis.hide_(torch.einsum("bchd,bnd->bchn", qc, picked).float(), s, e))
+        probs = torch.cat(parts + [sinks.expand(b, e - s, h, 1) / scale], dim=-1).mul_(scale).softmax(-1)
+        probs = probs.to(raw.dtype)
+        o = torch.einsum("bchl,bld->bchd", probs[..., : keys.shape[1]], keys)
+        if picked is not None:
+            pc = probs[..., keys.shape[1] : -1]
+            o = o + (torch.einsum("bchk,bckd->bchd", pc, picked) if picked.dim() == 4
+                     else torch.einsum("bchn,bnd->bchd", pc, picked))
+        out.append(o)
     return torch.cat(out, dim=1)
-
-
-def window_indices(n_past: int, t: int, window: int, device: torch.device) -> torch.Tensor:
-    """[1, T, W] raw-buffer indices of the last ``window`` tokens up to and including each query (-1: none)."""
-    own = n_past + torch.arange(t, device=device)[:, None]
-    idx = own - (window - 1) + torch.arange(window, device=device)[None, :]
-    return torch.where(idx >= 0, idx, -1)[None]
 
 
 # --------------------------------------------------------------------------- the layer
@@ -279,26 +327,22 @@ class CompressedSparseAttention(nn.Module):
         kv = rope_last(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim)
 
         raw = kv if state is None else torch.cat([state.window, kv], dim=1)
-        n_past = raw.shape[1] - t
-        idx = window_indices(n_past, t, self.window, x.device).expand(b, -1, -1)
-        if attention_mask is not None:  # hide padding tokens inside the window
-            raw_valid = attention_mask[:, start - n_past :].bool()
-            idx = torch.where(raw_valid.gather(1, idx.clamp(min=0).flatten(1)).view_as(idx), idx, -1)
+        raw_valid = None
+        if attention_mask is not None:  # padding tokens are hidden inside the window
+            raw_valid = attention_mask[:, start + t - raw.shape[1] :].bool()
         new_state = CSAState(window=raw[:, -self.window :])
-        keys = raw
+        entries = selected = vis = None
         if self.ratio:
-            cmp_idx = self._compressed(x, qr, position_ids, start, attention_mask, state, new_state)
-            keys = torch.cat([raw, new_state.entries], dim=1)
-            idx = torch.cat([idx, torch.where(cmp_idx >= 0, cmp_idx + raw.shape[1], -1)], dim=-1)
-        o = sparse_attention(q, keys, idx, self.attn_sink, self.softmax_scale)
+            entries, selected, vis = self._compressed(x, qr, position_ids, start, attention_mask, state, new_state)
+        o = sparse_attention(q, raw, raw_valid, self.window, self.attn_sink, self.softmax_scale,
+                             entries, selected, vis)
         o = rope_last(o, cos, sin, self.rope_dim, inverse=True)  # values carried rotated rope channels
         if cache is not None:
             cache.layers[layer_idx] = new_state
         return self._out(o)
 
-    def _compressed(self, x, qr, position_ids, start, attention_mask, state, new_state) -> torch.Tensor:
-        """Extend the compressed entries (and index keys); return entry indices per query [B, T, K]."""
-        b, t, _ = x.shape
+    def _compressed(self, x, qr, position_ids, start, attention_mask, state, new_state):
+        """Extend the compressed entries (and index keys); return (entries, CSA top-k or None, visibility)."""
         token_valid = attention_mask[:, start:].bool() if attention_mask is not None else None
         entries, new_state.compressor = self.compressor(
             x, position_ids, start, token_valid, state.compressor if state else None
@@ -307,19 +351,17 @@ class CompressedSparseAttention(nn.Module):
             entries = torch.cat([state.entries, entries], dim=1)
         new_state.entries = entries
         n = entries.shape[1]
-        slots = torch.arange(start, start + t, device=x.device)
-        visible = entry_visibility(n, slots, self.ratio)[None]  # [1, T, N]
-        if attention_mask is not None:
-            visible = visible & entry_validity(attention_mask, n, self.ratio, self.compressor.overlap)[:, None, :]
+        valid = entry_validity(attention_mask, n, self.ratio, self.compressor.overlap) if attention_mask is not None else None
+        vis = Visibility(start, self.ratio, valid)
         if self.indexer is None:  # HCA: every visible entry
-            return torch.where(visible, torch.arange(n, device=x.device), -1).expand(b, -1, -1)
+            return entries, None, vis
         keys, new_state.index_compressor = self.indexer.compressor(
             x, position_ids, start, token_valid, state.index_compressor if state else None
         )
         if state is not None and state.index_keys is not None:
             keys = torch.cat([state.index_keys, keys], dim=1)
         new_state.index_keys = keys
-        return self.indexer.select(x, qr, position_ids, keys, visible)
+        return entries, self.indexer.select(x, qr, position_ids, keys, vis), vis
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         b, t = o.shape[:2]
