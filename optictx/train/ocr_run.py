@@ -29,6 +29,10 @@ def build_tokenizer(recipe: dict, out: Path) -> Tokenizer:
     folder = out / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.from_pretrained(folder)
+    if recipe.get("init_from"):  # warm start: the tokenizer must be the one the weights were trained with
+        tok = Tokenizer.from_pretrained(recipe["init_from"])
+        tok.save(folder)
+        return tok
     spec = recipe.get("tokenizer", {})
     texts = tokenizer_training_text(spec.get("seed", 0), spec.get("samples", 20000))
     tok = train_bpe(texts, vocab_size=spec.get("vocab_size", 4096))
@@ -76,6 +80,12 @@ def prepare_ocr(recipe: dict, out: str | Path):
     cfg, model = build_model(recipe, tok)
     if rank == 0:
         cfg.save(out / "config.json")
+    if recipe.get("init_from"):
+        # Warm start from an exported model folder (e.g. the bundled weights): used only when the run has no
+        # checkpoint yet; resuming from a checkpoint restores everything, optimizer included.
+        from optictx.weights import load_into
+
+        load_into(model, recipe["init_from"], dtype=torch.float32, device="cpu")
     task_cfg = OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {})))
     net = OCRTrainModule(model, task_cfg.ctc_frames)
     train_cfg = TrainConfig(out_dir=str(out), **_fields(TrainConfig, recipe.get("train", {})))
