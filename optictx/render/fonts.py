@@ -168,7 +168,12 @@ class FontStack:
 
     def check(self, text: str) -> None:
         """Raise RenderError naming every character of ``text`` that no face can draw."""
-        bad = [c for c in set(text) if c not in " \n" and self.face_of(c) < 0]
+        chars = set(text) - {" ", "\n"}
+        controls = [c for c in chars if unicodedata.category(c) == "Cc"]
+        if controls:  # some fonts map controls to blank glyphs; drawing "nothing" would corrupt the ground truth
+            raise RenderError(f"control characters cannot be rendered: {describe_chars(controls)}; "
+                              f"remove them (tabs and CR/LF are fine)")
+        bad = [c for c in chars if self.face_of(c) < 0]
         if bad:
             raise RenderError(
                 f"no installed font can draw {describe_chars(bad)} (faces tried: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +37,14 @@ _LOAD_ERRORS = {
 Source = str | os.PathLike | bytes
 
 
+def _has_no_pages(src: str | bytes) -> bool:
+    """pdfium refuses to open a PDF whose page tree is empty (it reports success or a format error);
+    recognise that case so the message says so."""
+    head = src if isinstance(src, bytes) else Path(src).read_bytes()[:1 << 24]
+    return (head.startswith(b"%PDF") and re.search(rb"/Count\s*0\b", head) is not None
+            and re.search(rb"/Type\s*/Page\b(?!s)", head) is None)
+
+
 def _name(src: Source) -> str:
     return f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
 
@@ -55,9 +64,12 @@ def open_pdf(src: Source, password: str | None = None) -> Iterator[pdfium.PdfDoc
     try:
         doc = pdfium.PdfDocument(bytes(src) if isinstance(src, bytearray) else src, password=password)
     except pdfium.PdfiumError as e:
-        why = _LOAD_ERRORS.get(getattr(e, "err_code", None), f"pdfium could not load it ({e})")
-        if getattr(e, "err_code", None) == pdfium_c.FPDF_ERR_PASSWORD and password is not None:
+        code = getattr(e, "err_code", None)
+        why = _LOAD_ERRORS.get(code, f"pdfium could not load it ({e})")
+        if code == pdfium_c.FPDF_ERR_PASSWORD and password is not None:
             why = "the password is wrong"
+        elif code in (pdfium_c.FPDF_ERR_SUCCESS, pdfium_c.FPDF_ERR_FORMAT) and _has_no_pages(src):
+            why = "the PDF has no pages"
         raise PDFError(f"{_name(src)}: {why}") from e
     try:
         if len(doc) == 0:

@@ -8,13 +8,14 @@ for the price of measuring.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from optictx.errors import RenderError
-from optictx.render.page import Block, PageStyle, RenderedPage, TextBox, augment, ink_to_image
+from optictx.render.page import Block, PageStyle, RenderedPage, TextBox, augment, ink_to_image, to_999
 from optictx.render.typeset import Typesetter, is_cjk, strong_direction, typesetter
 
 NO_BREAK_BEFORE = frozenset("、。，．・：；？！）」』】〕〉》〗〙〛｝＞ー々〜…‥,.;:!?)]}%")
@@ -164,20 +165,20 @@ def visual_order(words: list[str], rtl: bool) -> list[int]:
 
 
 def placements(line: Line, ts: Typesetter, x0: float, width: float) -> list[tuple[str, float]]:
-    """(word, pen x) in page pixels. LTR text uses the wrap's offsets; bidi lines are reordered and,
-    for right-to-left paragraphs, set flush right."""
+    """(word, pen x) in page pixels, in reading order. LTR text uses the wrap's offsets; bidi lines are
+    reordered visually and, for right-to-left paragraphs, set flush right."""
     if not line.para.bidi:
         return [(w, x0 + x) for w, x in zip(line.words, line.xs)]
     order = visual_order(line.words, line.para.rtl)
     indent = line.xs[0]
-    xs, x = [], 0.0
+    xs, x = [0.0] * len(order), 0.0
     for k, i in enumerate(order):
         if k:
             x += line.gaps[max(i, order[k - 1])] * ts.space
-        xs.append(x)
+        xs[i] = x
         x += ts.advance(line.words[i])
     start = x0 + width - indent - x if line.para.rtl else x0 + indent
-    return [(line.words[i], start + dx) for i, dx in zip(order, xs)]
+    return [(w, start + dx) for w, dx in zip(line.words, xs)]  # logical (reading) order
 
 
 @dataclass
@@ -235,29 +236,56 @@ def _union(boxes: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
-def paint_line(ink: np.ndarray, line: Line, ts: Typesetter, x0: float, width: float,
-               baseline: int) -> list[tuple[str, tuple[int, int, int, int]]]:
-    """Blit the words of one line into ``ink``; return (word, clipped ink box) pairs. The hot loop of
-    rendering: one dict lookup and one numpy maximum per word."""
+def _blit(ink: np.ndarray, mask: np.ndarray, x: int, y: int) -> tuple[int, int, int, int] | None:
+    """ink = max(ink, mask placed at (x, y)), clipped to the page; returns the clipped box."""
     H, W = ink.shape
-    image, out = ts.image, []
-    for word, x in placements(line, ts, x0, width):
-        img = image(word)
-        mask = img.mask
-        mh, mw = mask.shape
-        bx, by = round(x) + img.left, baseline + img.top
-        if bx >= 0 and by >= 0 and bx + mw <= W and by + mh <= H:
-            if not mh:
-                continue
-            dst = ink[by:by + mh, bx:bx + mw]
-            np.maximum(dst, mask, out=dst)
-            out.append((word, (bx, by, bx + mw, by + mh)))
-            continue
-        cx1, cy1, cx2, cy2 = max(bx, 0), max(by, 0), min(bx + mw, W), min(by + mh, H)
-        if cx1 < cx2 and cy1 < cy2:  # ink crossing the page edge is clipped, and so is its box
-            dst = ink[cy1:cy2, cx1:cx2]
-            np.maximum(dst, mask[cy1 - by:cy2 - by, cx1 - bx:cx2 - bx], out=dst)
-            out.append((word, (cx1, cy1, cx2, cy2)))
+    h, w = mask.shape
+    x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+    if x1 >= x2 or y1 >= y2:
+        return None
+    dst = ink[y1:y2, x1:x2]
+    np.maximum(dst, mask[y1 - y:y2 - y, x1 - x:x2 - x], out=dst)
+    return x1, y1, x2, y2
+
+
+def paint_line(ink: np.ndarray, placed: list[tuple[str, float]], ts: Typesetter,
+               baseline: int) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Draw one line; return (word, ink box clipped to the page) pairs.
+
+    The hot loop of rendering: per word one dict lookup and one slice copy of its cached strip (fixed
+    rows around the baseline) into a line buffer, then one blit of the line. A line whose words' ink
+    overlaps (or is taller than the strip) falls back to one ``np.maximum`` blit per word.
+    """
+    get, image = ts._img.get, ts.image
+    items = []
+    for word, x in placed:
+        img = get(word) or image(word)
+        if img.width:
+            items.append((word, img, round(x) + img.left))
+    if not items:
+        return []
+    drawn = items if all(a[2] <= b[2] for a, b in zip(items, items[1:])) else sorted(items, key=lambda t: t[2])
+    x0 = drawn[0][2]
+    x1 = max(bx + img.width for _, img, bx in items)
+    buf = np.zeros((ts.strip_h, x1 - x0), np.uint8)
+    cursor = x0
+    for _, img, bx in drawn:  # left to right
+        if img.strip is None or bx < cursor:
+            break
+        cursor = bx + img.width
+        buf[:, bx - x0:cursor - x0] = img.strip
+    else:
+        _blit(ink, buf, x0, baseline + ts.strip_top)
+        cursor = -1
+    if cursor >= 0:  # overlapping or tall ink: word by word
+        for _, img, bx in items:
+            _blit(ink, img.mask, bx, baseline + img.top)
+    out = [(word, (bx, baseline + img.top, bx + img.width, baseline + img.top + img.mask.shape[0]))
+           for word, img, bx in items]
+    H, W = ink.shape  # ground truth stays in reading order
+    if x0 < 0 or x1 > W or min(b[1] for _, b in out) < 0 or max(b[3] for _, b in out) > H:
+        out = [(w, (max(b[0], 0), max(b[1], 0), min(b[2], W), min(b[3], H))) for w, b in out]
+        out = [(w, b) for w, b in out if b[0] < b[2] and b[1] < b[3]]
     return out
 
 
@@ -265,32 +293,45 @@ def paint(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics, 
     """Draw one page of columns and collect its ground truth."""
     W, H = style.width, style.height
     sx, sy = 999 / W, 999 / H  # boxes are clipped to the page, so no clamping is needed
-
-    def tb(text: str, b: tuple[int, int, int, int]) -> TextBox:
-        return TextBox(text, b, (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy)))
-
-    ink = np.zeros((H, W), np.uint8)
+    ink = _scratch(H, W)
     lines, words, blocks, texts = [], [], [], []
     for c, col in enumerate(cols):
         x0 = style.margin + c * (style.column_width + style.gap)
         block_lines: list[TextBox] = []
         for i, line in enumerate(col):
-            texts.append(line.text)
+            text = line.text
+            texts.append(text)
             baseline = style.margin + round(m.first + i * m.pitch)
-            placed = paint_line(ink, line, ts, x0, style.column_width, baseline)
-            words += [tb(w, b) for w, b in placed]
+            placed = paint_line(ink, placements(line, ts, x0, style.column_width), ts, baseline)
             if placed:
-                lines.append(tb(line.text, _union([b for _, b in placed])))
+                words += [TextBox(w, b, (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy)))
+                          for w, b in placed]
+                b = _union([b for _, b in placed])
+                lines.append(TextBox(text, b, (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy))))
                 if line.para.block >= 0:
                     block_lines.append(lines[-1])
             nxt = col[i + 1].para.block if i + 1 < len(col) else None
             if block_lines and nxt != line.para.block:
                 text = "\n".join(b.text for b in block_lines)
-                hull = tb(text, _union([b.box_px for b in block_lines]))
-                blocks.append(Block(line.para.label, text, hull.box_px, hull.box_999))
+                b = _union([b.box_px for b in block_lines])
+                blocks.append(Block(line.para.label, text, b, to_999(b, W, H)))
                 block_lines = []
     image = ink_to_image(ink, style.fg, style.bg)
     return RenderedPage(image=image, text="\n".join(texts), lines=lines, words=words, blocks=blocks, index=index)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(h: int, w: int) -> np.ndarray:
+    """A zeroed ink array reused across pages of one thread (ink_to_image copies out of it), which
+    saves re-faulting megabytes of fresh memory for every dense page."""
+    buf = getattr(_SCRATCH, "ink", None)
+    if buf is None or buf.shape != (h, w):
+        buf = _SCRATCH.ink = np.zeros((h, w), np.uint8)
+    else:
+        buf.fill(0)
+    return buf
 
 
 def prepare(text: str, style: PageStyle) -> tuple[str, Typesetter]:

@@ -54,6 +54,11 @@ def bidi_class(ch: str) -> str:
     return "R" if b in ("R", "AL") else "L" if b == "L" else "N"
 
 
+def _shaped(text: str) -> bool:
+    """Must be shaped by raqm as a whole (complex script or right-to-left), not pasted glyph by glyph."""
+    return not text.isascii() and (any(map(is_complex, text)) or strong_direction(text) == "R")
+
+
 def strong_direction(text: str) -> str:
     """Direction of the first strong character ('L', 'R'), or 'N' when there is none (digits, marks)."""
     for ch in text:
@@ -63,39 +68,67 @@ def strong_direction(text: str) -> str:
     return "N"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WordImage:
-    """Ink of a word: ``mask`` (uint8 coverage) whose top-left sits at (pen + left, baseline + top)."""
+    """Ink of a word: ``mask`` (uint8 coverage) whose top-left sits at (pen + left, baseline + top).
+
+    ``strip`` is the same ink padded to the typesetter's fixed line-strip rows, so the words of a line
+    can be joined with one ``np.concatenate`` and blitted once; None when the ink is taller than the strip.
+    """
 
     mask: np.ndarray
     left: int
     top: int
     advance: float
+    strip: np.ndarray | None
+    width: int = 0  # ink columns (mask.shape[1]), kept as a field because the paint loop reads it
 
 
 class FaceMetrics:
-    """Size-independent advances and kerning of one face, in ems (HarfBuzz values via Pillow raqm)."""
+    """Size-independent advances and kerning of one face, in ems (HarfBuzz values via Pillow raqm).
+
+    ``adv`` is keyed by character and ``kern`` by the two-character string; both fill on first use.
+    """
 
     def __init__(self, ff: FontFile):
         self.font = load_font(ff, REF_SIZE)
         self.shaped = self.font.layout_engine == 1  # raqm: kerning available
-        self._adv: dict[str, float] = {}
-        self._kern: dict[tuple[str, str], float] = {}
+        self.adv: dict[str, float] = {}
+        self.kern: dict[str, float] = {}
 
     def advance(self, ch: str) -> float:
-        got = self._adv.get(ch)
+        got = self.adv.get(ch)
         if got is None:
-            got = self._adv[ch] = self.font.getlength(ch) / REF_SIZE
+            got = self.adv[ch] = self.font.getlength(ch) / REF_SIZE
         return got
 
-    def kerning(self, a: str, b: str) -> float:
-        if not self.shaped or is_cjk(a) or is_cjk(b):  # CJK faces kern nothing worth a lookup per pair
-            return 0.0
-        got = self._kern.get((a, b))
+    def kerning(self, pair: str) -> float:
+        got = self.kern.get(pair)
         if got is None:
-            pair = self.font.getlength(a + b, features=NO_LIGATURES) / REF_SIZE
-            got = self._kern[(a, b)] = pair - self.advance(a) - self.advance(b)
+            a, b = pair
+            if not self.shaped or is_cjk(a) or is_cjk(b):  # CJK faces kern nothing worth measuring
+                got = 0.0
+            else:
+                got = self.font.getlength(pair, features=NO_LIGATURES) / REF_SIZE - self.advance(a) - self.advance(b)
+            self.kern[pair] = got
         return got
+
+    def pens(self, text: str) -> tuple[list[float], float]:
+        """Pen position (ems) of each character of a simple run, and the run's advance."""
+        adv, kern = self.adv, self.kern
+        try:
+            pens, pen = [0.0], adv[text[0]]
+            for i in range(1, len(text)):
+                pen += kern[text[i - 1:i + 1]]
+                pens.append(pen)
+                pen += adv[text[i]]
+            return pens, pen
+        except KeyError:  # first sight of a character or pair: measure, then take the fast path
+            for i, ch in enumerate(text):
+                self.advance(ch)
+                if i:
+                    self.kerning(text[i - 1:i + 1])
+            return self.pens(text)
 
 
 @functools.lru_cache(maxsize=64)
@@ -123,11 +156,17 @@ class Typesetter:
         self.stack, self.size = stack, size
         self._fonts: dict[int, object] = {}
         self.ascent, self.descent = self.font(0).getmetrics()
+        pad = max(2, size // 4)
+        self.strip_top = -(self.ascent + pad)  # rows of a line strip, relative to the baseline
+        self.strip_h = self.ascent + self.descent + 2 * pad
+        self.zeros = np.zeros((self.strip_h, 4 * size), np.uint8)  # gaps between word strips (views)
         self.space = face_metrics(stack.fonts[0]).advance(" ") * size
         self._adv: dict[str, float] = {}
         self._img: dict[str, WordImage] = {}
         self._img_bytes = 0
         self._glyph: dict[tuple[int, str], tuple[np.ndarray, int, int]] = {}
+        primary = coverage(stack.fonts[0])
+        self._ascii_ok = all(cp in primary for cp in range(0x21, 0x7F))  # ASCII words: one run, no lookups
 
     def font(self, face: int):
         f = self._fonts.get(face)
@@ -138,6 +177,8 @@ class Typesetter:
     def runs(self, word: str) -> list[tuple[int, str]]:
         """Split a word into (face, text) runs. Neutral characters (digits, punctuation) stay in the
         current run's face when it has them, so "مرحبا." is one Arabic run shaped as a whole."""
+        if self._ascii_ok and word.isascii():
+            return [(0, word)]
         runs: list[list] = []
         for ch in word:
             face = -1
@@ -154,14 +195,9 @@ class Typesetter:
         return [(f, t) for f, t in runs]
 
     def _run_advance(self, face: int, text: str) -> float:
-        if any(map(is_complex, text)) or strong_direction(text) == "R":
+        if _shaped(text):
             return self.font(face).getlength(text)
-        m = face_metrics(self.stack.fonts[face])
-        total, prev = 0.0, ""
-        for ch in text:
-            total += m.advance(ch) + (m.kerning(prev, ch) if prev else 0.0)
-            prev = ch
-        return total * self.size
+        return face_metrics(self.stack.fonts[face]).pens(text)[1] * self.size
 
     def advance(self, word: str, cache: bool = True) -> float:
         """Pen advance of ``word`` in pixels (fractional, as HarfBuzz positions it)."""
@@ -181,19 +217,15 @@ class Typesetter:
 
     def _run_pieces(self, face: int, text: str, x0: float) -> list[tuple[np.ndarray, int, int]]:
         """Bitmaps of one run with integer offsets from the word's pen origin."""
-        if any(map(is_complex, text)) or strong_direction(text) == "R":
+        if _shaped(text):
             mask, dx, dy = _rasterise(self.font(face), text)
             return [(mask, round(x0) + dx, dy)]
-        m = face_metrics(self.stack.fonts[face])
-        pieces, pen, prev = [], x0, ""
-        for ch in text:
-            if prev:
-                pen += m.kerning(prev, ch) * self.size
-            mask, dx, dy = self._glyph_of(face, ch)
-            if mask.size:
-                pieces.append((mask, round(pen) + dx, dy))
-            pen += m.advance(ch) * self.size
-            prev = ch
+        pens, _ = face_metrics(self.stack.fonts[face]).pens(text)
+        glyph, size, pieces = self._glyph.get, self.size, []
+        for ch, pen in zip(text, pens):
+            g = glyph((face, ch)) or self._glyph_of(face, ch)
+            if g[0].size:
+                pieces.append((g[0], round(x0 + pen * size) + g[1], g[2]))
         return pieces
 
     def image(self, word: str) -> WordImage:
@@ -208,30 +240,33 @@ class Typesetter:
         for face, text in runs:
             pieces += self._run_pieces(face, text, x)
             x += self._run_advance(face, text)
-        got = WordImage(*_composite(pieces), advance=x)
+        got = self._assemble(pieces, x)
         if self._img_bytes > WORD_CACHE_BYTES:
             self._img.clear()
             self._img_bytes = 0
         self._img[word] = got
-        self._img_bytes += got.mask.nbytes + 100
+        self._img_bytes += (got.mask.nbytes if got.strip is None else got.strip.nbytes) + 200
         return got
 
-
-def _composite(pieces: list[tuple[np.ndarray, int, int]]) -> tuple[np.ndarray, int, int]:
-    """Union of positioned bitmaps -> (mask, left, top); overlaps keep the darker ink."""
-    if not pieces:
-        return np.zeros((0, 0), np.uint8), 0, 0
-    if len(pieces) == 1:
-        return pieces[0]
-    x1 = min(x for _, x, _ in pieces)
-    y1 = min(y for _, _, y in pieces)
-    x2 = max(x + m.shape[1] for m, x, _ in pieces)
-    y2 = max(y + m.shape[0] for m, _, y in pieces)
-    out = np.zeros((y2 - y1, x2 - x1), np.uint8)
-    for m, x, y in pieces:
-        dst = out[y - y1:y - y1 + m.shape[0], x - x1:x - x1 + m.shape[1]]
-        np.maximum(dst, m, out=dst)
-    return out, x1, y1
+    def _assemble(self, pieces: list[tuple[np.ndarray, int, int]], advance: float) -> WordImage:
+        """Union of positioned glyph bitmaps (overlaps keep the darker ink), built directly in strip
+        rows; the mask is a view of the strip. Ink taller than the strip gets a plain mask."""
+        if not pieces:
+            return WordImage(np.zeros((0, 0), np.uint8), 0, 0, advance, np.zeros((self.strip_h, 0), np.uint8), 0)
+        x1, x2, y1, y2 = 1 << 30, -(1 << 30), 1 << 30, -(1 << 30)
+        for m, x, y in pieces:
+            h, w = m.shape
+            x1, x2, y1, y2 = min(x1, x), max(x2, x + w), min(y1, y), max(y2, y + h)
+        st = self.strip_top
+        tall = y1 < st or y2 > st + self.strip_h
+        top = y1 if tall else st
+        out = np.zeros((y2 - y1 if tall else self.strip_h, x2 - x1), np.uint8)
+        for m, x, y in pieces:
+            dst = out[y - top:y - top + m.shape[0], x - x1:x - x1 + m.shape[1]]
+            np.maximum(dst, m, out=dst)
+        if tall:
+            return WordImage(out, x1, y1, advance, None, x2 - x1)
+        return WordImage(out[y1 - st:y2 - st], x1, y1, advance, out, x2 - x1)
 
 
 @functools.lru_cache(maxsize=16)
