@@ -57,3 +57,7 @@ class PrimitiveError(OptictxError):
 
 class MetricError(OptictxError):
     """Metric inputs are inconsistent (lengths differ, no ground-truth table, missing radius, bad box shape)."""
+
+
+class MemoryStoreError(OptictxError):
+    """A saved optical memory folder is missing, corrupt (a page fails its checksum) or of an unknown format."""
