@@ -11,6 +11,7 @@ are assembled here directly, each in a few lines.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
@@ -58,6 +59,7 @@ def png_zero_size(width: int = 0, height: int = 10) -> bytes:
     return png_from_parts(width, height, zlib.compress(b""))
 
 
+@functools.lru_cache(maxsize=4)  # bytes are immutable; the 30000² bomb is used by several cases
 def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     """A *valid* greyscale PNG of ``width x height`` black pixels whose file is ~1000x smaller.
 
