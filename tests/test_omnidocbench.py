@@ -132,51 +132,79 @@ def test_missing_predictions_are_skipped_or_scored_empty(tmp_path):
 
 
 # --------------------------------------------------------------------------- rendered fixture
+ROWS = [["Region", "Sales"], ["North", "120"], ["South", "95"]]
+PAGES_MD = [
+    "# Quarterly report\n\nSales rose in every region this quarter.\n\n"
+    + "\n".join(["| Region | Sales |", "|---|---|", "| North | 120 |", "| South | 95 |"])
+    + "\n\nCosts stayed flat, so margins improved.\n\n```python\ntotal = 120 + 95\n```\n",
+    "## Outlook\n\nNext quarter should be similar.\n\nHiring continues.\n",
+]
+CATEGORY = {"title": "title", "text": "text_block", "code": "code_txt", "table": "table"}
+
+
+def _gt_element(block, order: int) -> dict:
+    """A rendered block as an OmniDocBench element: text without markdown syntax (as annotators write it),
+    the table as HTML built from ROWS (independently of the scorer's pipe-table conversion)."""
+    x1, y1, x2, y2 = block.box_px
+    d = det(CATEGORY[block.label], order, order, poly=[x1, y1, x2, y1, x2, y2, x1, y2])
+    if block.label == "table":
+        d["html"] = "<table>" + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in ROWS) + \
+            "</table>"
+    elif block.label == "code":
+        d["text"] = "\n".join(block.text.splitlines()[1:-1])
+    else:
+        d["text"] = block.text.lstrip("#").strip()
+    return d
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    """Two rendered pages written in the OmniDocBench format: every rendered block becomes a text_block
-    with its box as ``poly`` and its index as ``order``; the page images are saved like the benchmark's."""
-    from optictx.render import PageStyle, render_text
+    """Markdown pages rendered by ``render_markdown`` and written in the OmniDocBench format: each rendered
+    block becomes an element with its box as ``poly`` and its index as ``order``; images saved alongside."""
+    from optictx.render import PageStyle
+    from optictx.render.markdown import render_markdown
 
     root = tmp_path_factory.mktemp("odb")
     (root / "images").mkdir()
-    style = PageStyle(width=600, height=400, margin=30, font_size=18)
-    texts = ["First paragraph of page one.\n\nA second paragraph, short.\n\nThird one closes the page.",
-             "Page two opens here.\n\nIt has two paragraphs only."]
+    style = PageStyle(width=700, height=700, margin=30, font_size=16)
     pages, sources = [], {}
-    for k, text in enumerate(texts):
-        (rp,) = render_text(text, style)
+    for k, md in enumerate(PAGES_MD):
+        (rp,) = render_markdown(md, style)
         name = f"render_{k}.png"
         rp.image.save(root / "images" / name)
-        dets = [det("text_block", i, i, text=b.text,
-                    poly=[b.box_px[0], b.box_px[1], b.box_px[2], b.box_px[1], b.box_px[2], b.box_px[3],
-                          b.box_px[0], b.box_px[3]]) for i, b in enumerate(rp.blocks)]
-        pages.append({"layout_dets": dets, "extra": {"relation": []},
+        pages.append({"layout_dets": [_gt_element(b, i) for i, b in enumerate(rp.blocks)], "extra": {"relation": []},
                       "page_info": {"page_no": k, "width": style.width, "height": style.height,
                                     "image_path": f"images/{name}", "page_attribute": {"language": "english"}}})
-        sources[name] = [b.text for b in rp.blocks]
+        sources[name] = (rp.text, [b.text for b in rp.blocks])
     (root / "gt.json").write_text(json.dumps(pages), encoding="utf-8")
     return root, sources
 
 
 def test_rendered_pages_score_perfect_then_swapped(rendered, tmp_path):
     root, sources = rendered
-    assert [len(v) for v in sources.values()] == [3, 2]
-    pred = tmp_path / "perfect"
+    assert [[e["category_type"] for e in p["layout_dets"]] for p in json.loads((root / "gt.json").read_text())] == [
+        ["title", "text_block", "table", "text_block", "code_txt"], ["title", "text_block", "text_block"]]
+    pred = tmp_path / "pred"
     pred.mkdir()
-    for name, blocks in sources.items():
-        (pred / name.replace(".png", ".md")).write_text("\n\n".join(blocks), encoding="utf-8")
+    for name, (page_md, _) in sources.items():  # the rendered page's own markdown: a perfect prediction
+        (pred / name.replace(".png", ".md")).write_text(page_md, encoding="utf-8")
     s = score_omnidocbench(pred, root / "gt.json")
-    assert s["pages"] == 2 and s["text_block"]["edit"]["count"] == 5
+    assert s["pages"] == 2 and s["text_block"]["edit"]["count"] == 7  # titles, paragraphs and code
     assert s["text_block"]["edit"]["page_avg"] == 0.0 and s["reading_order"]["edit"]["page_avg"] == 0.0
-    assert s["table"]["count"] == 0 and s["table"]["teds"] is None  # nothing to score is None, not 0
-    # swap the last two blocks of page 0: text unchanged, reading order 2 edits / 3 on that page
-    name0 = next(iter(sources))
-    b = sources[name0]
-    (pred / name0.replace(".png", ".md")).write_text("\n\n".join([b[0], b[2], b[1]]), encoding="utf-8")
+    assert s["table"]["teds"] == 1.0 and s["table"]["teds_structure"] == 1.0 and s["table"]["count"] == 1
+    assert s["display_formula"]["edit"]["count"] == 0 and s["display_formula"]["edit"]["page_avg"] is None
+    # swap the two paragraphs of page 1: text unchanged; reading order [0, 2, 1] -> 2 edits / 3 on that page
+    name1 = list(sources)[1]
+    b = sources[name1][1]
+    (pred / name1.replace(".png", ".md")).write_text("\n\n".join([b[0], b[2], b[1]]), encoding="utf-8")
     s = score_omnidocbench(pred, root / "gt.json")
     assert s["text_block"]["edit"]["page_avg"] == 0.0
-    assert s["reading_order"]["edit"]["page_avg"] == pytest.approx((2 / 3 + 0) / 2)
+    assert s["reading_order"]["edit"]["page_avg"] == pytest.approx((0 + 2 / 3) / 2)
+    # drop the table from page 0: TEDS 0 for it, and its cells are not text the ground truth has elsewhere
+    page0 = list(sources)[0]
+    (pred / page0.replace(".png", ".md")).write_text(
+        "\n\n".join(t for t in sources[page0][1] if not t.startswith("|")), encoding="utf-8")
+    assert score_omnidocbench(pred, root / "gt.json")["table"]["teds"] == 0.0
 
 
 # --------------------------------------------------------------------------- pieces
