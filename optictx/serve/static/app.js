@@ -38,9 +38,11 @@ async function loadOptions() {
   const o = state.options = await resp.json();
   $("#key-box").hidden = !o.auth_required;
   $("#model").textContent = `${o.model} · ${o.backend} backend · up to ${o.limits.max_pages} PDF pages`;
-  fillSelect($("#mode"), o.modes.map((m) => [m, m]), o.default_mode);
-  fillSelect($("#prompt"), Object.keys(o.prompts).filter((p) => p !== "locate").map((p) => [p, p]), o.default_prompt);
-  $("#max-tokens").value = o.default_max_new_tokens;
+  // reloading the options (a new key) keeps what the user already chose
+  fillSelect($("#mode"), o.modes.map((m) => [m, m]), $("#mode").value || o.default_mode);
+  fillSelect($("#prompt"), Object.keys(o.prompts).filter((p) => p !== "locate").map((p) => [p, p]),
+    $("#prompt").value || o.default_prompt);
+  if (!$("#max-tokens").value) $("#max-tokens").value = o.default_max_new_tokens;
   $("#max-tokens").max = o.limits.max_new_tokens;
   showPromptText();
   updateRunButton();
@@ -147,8 +149,11 @@ function handleEvent(ev) {
       startPage(ev);
       break;
     case "delta": {
-      const pre = $(".stream", state.pages[ev.index].el);
-      pre.textContent += ev.text;
+      const page = state.pages[ev.index];
+      const pre = $(".stream", page.el);
+      page.streamed += ev.text;
+      pre.textContent = page.streamed;
+      pre.dataset.deltas = String(++page.deltas);
       pre.scrollTop = pre.scrollHeight;
       break;
     }
@@ -176,7 +181,7 @@ function startPage(ev) {
   setField(el, "vision", ev.budget.vision_tokens);
   setField(el, "slots", ev.budget.decoder_slots);
   $("#results").append(el);
-  const page = { el, image: null, blocks: [] };
+  const page = { el, image: null, blocks: [], streamed: "", deltas: 0 };
   state.pages[ev.index] = page;
   const src = ev.image || state.fileUrl;
   if (src) {
@@ -189,7 +194,9 @@ function startPage(ev) {
 function finishPage(index, r) {
   const page = state.pages[index];
   const el = page.el;
-  $(".stream", el).textContent = r.raw;  // the final text; equal to the deltas joined
+  // the deltas joined are the final text; if a delta was lost, show the final text and say so
+  el.dataset.streamComplete = String(page.streamed === r.raw);
+  if (page.streamed !== r.raw) $(".stream", el).textContent = r.raw;
   $(".markdown", el).replaceChildren(renderMarkdown(r.markdown));
   setField(el, "vision", r.tokens.vision);
   setField(el, "slots", r.tokens.decoder_slots);
