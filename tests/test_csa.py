@@ -155,9 +155,14 @@ def test_hca_attends_every_visible_entry(query_chunk):
     torch.manual_seed(4)
     layer = _layer(3)  # non-overlapping, no indexer
     assert layer.indexer is None
-    x = torch.randn(1, 20, 48)
+    x = torch.randn(1, 20, 48, requires_grad=True)
     expected = _reference(layer, x, lambda i: range((i + 1) // 3))
-    assert (layer(x, _pos(1, 20)) - expected).abs().max() < 1e-5
+    out = layer(x, _pos(1, 20))
+    assert (out - expected).abs().max() < 1e-5
+    probe = torch.randn_like(out)  # gradients (training) agree with the per-query reference too
+    (g_ref,) = torch.autograd.grad((expected * probe).sum(), x)
+    (g_out,) = torch.autograd.grad((out * probe).sum(), x)
+    assert (g_out - g_ref).abs().max() < 1e-5 and g_ref.abs().max() > 1e-3
 
 
 SEED_NO_TIES = 0

@@ -57,6 +57,36 @@ def test_cached_decoding_equals_one_full_pass(attention):
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("attention,pad", [("mla", 3), ("csa", 4)])
+def test_left_padded_batch_decodes_like_each_prompt_alone(attention, pad):
+    """Batched generation: a row left-padded by `pad` tokens (CSA: a whole block) gives the logits it gives alone."""
+    torch.manual_seed(3)
+    model = PrimitivesModel(_small(attention=attention, compress_ratios=(0, 4, 4, 4))).eval()
+    img_a, img_b = torch.randn(3, 84, 126), torch.randn(3, 84, 84)  # 6 and 4 tokens
+    long_ids = torch.cat([_prompt(6), torch.tensor([[20, 21, 22, 23]])], dim=1)  # 16 tokens
+    short_ids = _prompt(4, text=tuple(range(30, 41 - pad)))  # 16 - pad tokens
+    steps = torch.tensor([[40, 41, 42, 43], [50, 51, 52, 53]])
+
+    def run(ids, images, tokens, mask=None):
+        cache, outs = model.new_cache(), []
+        with torch.no_grad():
+            outs.append(model(ids, images, cache=cache, attention_mask=mask).logits[:, -1])
+            for i in range(tokens.shape[1]):
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=torch.bool)], dim=1)
+                outs.append(model(tokens[:, i : i + 1], cache=cache, attention_mask=mask).logits[:, -1])
+        return torch.stack(outs, dim=1)
+
+    alone_a = run(long_ids, [img_a], steps[:1])
+    alone_b = run(short_ids, [img_b], steps[1:])
+    batch = torch.cat([long_ids, torch.cat([torch.full((1, pad), 2), short_ids], dim=1)])
+    mask = torch.ones_like(batch, dtype=torch.bool)
+    mask[1, :pad] = False
+    both = run(batch, [img_a, img_b], steps, mask)
+    assert (both[0] - alone_a[0]).abs().max() < 1e-4
+    assert (both[1] - alone_b[0]).abs().max() < 1e-4
+
+
 def test_756_image_fills_81_csa_entries_and_2_hca_entries():
     torch.manual_seed(2)
     model = PrimitivesModel(_small(compress_ratios=(0, 4, 128, 4))).eval()
@@ -121,7 +151,7 @@ def _expected_params(cfg) -> int:
 
 
 def test_v4_flash_shaped_layers_build_on_meta_with_the_expected_shapes():
-    cfg = dataclasses.replace(v4_flash_shaped(), num_hidden_layers=4)  # window, window, CSA, HCA
+    cfg = dataclasses.replace(v4_flash_shaped(), num_hidden_layers=4, n_routed_experts=16)  # win, win, CSA, HCA
     with torch.device("meta"):
         model = PrimitivesModel(cfg)
     assert sum(p.numel() for p in model.parameters()) == _expected_params(cfg)

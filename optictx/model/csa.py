@@ -224,7 +224,6 @@ def sparse_attention(
     """
     b, t, h, d = q.shape
     n_past = raw.shape[1] - t
-    sinks = sink.float().view(1, 1, h, 1)
     flat = entries.reshape(-1, d) if entries is not None else None
     row_offset = torch.arange(b, device=q.device)[:, None, None] * (entries.shape[1] if entries is not None else 0)
     out = []
@@ -238,25 +237,35 @@ def sparse_attention(
         allowed = ((j <= i) & (j > i - window))[None]  # [1, c, L]
         if raw_valid is not None:
             allowed = allowed & raw_valid[:, None, lo:hi]
-        parts = [torch.einsum("bchd,bld->bchl", qc, keys).float().masked_fill_(~allowed[:, :, None], float("-inf"))]
-        picked = None
+        scores = torch.einsum("bchd,bld->bchl", qc, keys).float().masked_fill_(~allowed[:, :, None], float("-inf"))
+        parts = [(scores, keys, "bchl,bld->bchd")]
         if entries is not None and selected is not None:  # CSA: gather the top-k entries of each query
             sel = selected[:, s:e]
             picked = flat.index_select(0, (sel.clamp(min=0) + row_offset).flatten()).view(*sel.shape, d)
             sc = torch.einsum("bchd,bckd->bchk", qc, picked).float()
-            parts.append(sc.masked_fill_((sel < 0)[:, :, None, :], float("-inf")))
+            parts.append((sc.masked_fill_((sel < 0)[:, :, None, :], float("-inf")), picked, "bchk,bckd->bchd"))
         elif entries is not None and vis is not None:  # HCA: every visible entry (a short prefix)
             picked = entries[:, : vis.horizon(e)]
-            parts.append(vis.hide_(torch.einsum("bchd,bnd->bchn", qc, picked).float(), s, e))
-        probs = torch.cat(parts + [sinks.expand(b, e - s, h, 1) / scale], dim=-1).mul_(scale).softmax(-1)
-        probs = probs.to(raw.dtype)
-        o = torch.einsum("bchl,bld->bchd", probs[..., : keys.shape[1]], keys)
-        if picked is not None:
-            pc = probs[..., keys.shape[1] : -1]
-            o = o + (torch.einsum("bchk,bckd->bchd", pc, picked) if picked.dim() == 4
-                     else torch.einsum("bchn,bnd->bchd", pc, picked))
-        out.append(o)
+            sc = vis.hide_(torch.einsum("bchd,bnd->bchn", qc, picked).float(), s, e)
+            parts.append((sc, picked, "bchn,bnd->bchd"))
+        out.append(_softmax_attend(parts, sink, scale, raw.dtype))
     return torch.cat(out, dim=1)
+
+
+def _softmax_attend(parts, sink: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Σ_parts softmax(scale·scores ∪ {sink}) @ values, without concatenating the parts: one shared max,
+    one summed denominator; the sink logit (unscaled, as V4) only enlarges the denominator."""
+    parts = [(sc, v, eq) for sc, v, eq in parts if sc.shape[-1]]
+    m = sink.float().view(1, 1, -1).expand(parts[0][0].shape[:-1])
+    for sc, _, _ in parts:
+        m = torch.maximum(m, sc.amax(-1) * scale)
+    denom = (sink.float().view(1, 1, -1) - m).exp()
+    o = 0.0
+    for sc, v, eq in parts:
+        p = torch.exp(sc * scale - m[..., None])  # out of place: amax above saved sc for backward
+        denom = denom + p.sum(-1)
+        o = o + torch.einsum(eq, p.to(dtype), v)
+    return o / denom[..., None].to(dtype)
 
 
 # --------------------------------------------------------------------------- the layer
@@ -355,13 +364,15 @@ class CompressedSparseAttention(nn.Module):
         vis = Visibility(start, self.ratio, valid)
         if self.indexer is None:  # HCA: every visible entry
             return entries, None, vis
-        keys, new_state.index_compressor = self.indexer.compressor(
-            x, position_ids, start, token_valid, state.index_compressor if state else None
-        )
-        if state is not None and state.index_keys is not None:
-            keys = torch.cat([state.index_keys, keys], dim=1)
-        new_state.index_keys = keys
-        return entries, self.indexer.select(x, qr, position_ids, keys, vis), vis
+        with torch.no_grad():  # top-k passes no gradient (V4 trains the indexer with its own KL loss)
+            keys, new_state.index_compressor = self.indexer.compressor(
+                x, position_ids, start, token_valid, state.index_compressor if state else None
+            )
+            if state is not None and state.index_keys is not None:
+                keys = torch.cat([state.index_keys, keys], dim=1)
+            new_state.index_keys = keys
+            selected = self.indexer.select(x, qr, position_ids, keys, vis)
+        return entries, selected, vis
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         b, t = o.shape[:2]
