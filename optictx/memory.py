@@ -471,20 +471,33 @@ class OpticalMemory:
         return Context(images, text, ledger), items
 
     # ----------------------------------------------------------------- recall
-    def _read(self, image: Image.Image) -> str:
-        key = hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()
-        if key not in self._decoded:
-            if self.reader is None:
-                from optictx.ocr import OCR
+    def _reader(self) -> Reader:
+        if self.reader is None:  # the bundled tiny model, loaded on first use
+            from optictx.ocr import OCR
 
-                self.reader = OCR("tiny", prompt="free-ocr")
-            out = self.reader(image)
-            text = out if isinstance(out, str) else getattr(out, "text", None)
-            if not isinstance(text, str):
-                raise ConfigError(f"the reader returned {type(out).__name__}; it must return a str or an "
-                                  f"object with a .text str (an optictx.ocr PageResult)")
-            self._decoded[key] = text
-        return self._decoded[key]
+            self.reader = OCR("tiny", prompt="free-ocr", max_new_tokens=1024)
+        return self.reader
+
+    def read_pages(self, images: Sequence[Image.Image], batch_size: int = 8) -> list[str]:
+        """Decode page images with the reader, each distinct image once per memory (cached by pixels).
+        A reader with a ``batch`` method (optictx.ocr.OCR) gets ``batch_size`` pages per call."""
+        keys = [hashlib.sha256(im.tobytes() + repr(im.size).encode()).hexdigest() for im in images]
+        todo = dict(zip(keys, images))
+        todo = {k: im for k, im in todo.items() if k not in self._decoded}
+        if todo:
+            from tqdm import tqdm
+
+            reader, pending = self._reader(), list(todo.items())
+            batch = getattr(reader, "batch", None)
+            step = batch_size if callable(batch) else 1
+            with tqdm(total=len(pending), desc="reading memory pages", unit="page", disable=None) as bar:
+                for i in range(0, len(pending), step):
+                    chunk = pending[i:i + step]
+                    outs = batch([im for _, im in chunk]) if callable(batch) else [reader(chunk[0][1])]
+                    for (k, _), out in zip(chunk, outs):
+                        self._decoded[k] = _as_text(out)
+                    bar.update(len(chunk))
+        return [self._decoded[k] for k in keys]
 
     def recall(self, query: str, k: int = 3, budget_tokens: int | None = None) -> list[Passage]:
         """The ``k`` passages best matching ``query`` among what the context holds: every image in it is
@@ -499,8 +512,9 @@ class OpticalMemory:
             by_item.setdefault(ci.item, []).append(ci)
         rows = {r.item: r for r in ctx.ledger.rows}
         roles = sorted({e.role for e in self.entries})
+        decoded_pages = iter(self.read_pages([ci.image for pages in by_item.values() for ci in pages]))
         for item, pages in by_item.items():
-            decoded = " ".join(self._read(ci.image) for ci in pages)
+            decoded = " ".join(next(decoded_pages) for _ in pages)
             r = rows[item]
             found += [Passage(s, 0.0, "image", r.first_turn, r.last_turn, item, r.level)
                       for s in split_passages(decoded, roles)]
@@ -648,6 +662,14 @@ def match_score(keywords: str, passage: str) -> float:
 
     p = utils.default_process(passage)
     return float(fuzz.partial_ratio(keywords, p) if len(p) >= len(keywords) else fuzz.ratio(keywords, p))
+
+
+def _as_text(out: Any) -> str:
+    text = out if isinstance(out, str) else getattr(out, "text", None)
+    if not isinstance(text, str):
+        raise ConfigError(f"the reader returned {type(out).__name__}; it must return a str or an "
+                          f"object with a .text str (an optictx.ocr PageResult)")
+    return text
 
 
 def png_bytes(image: Image.Image) -> bytes:

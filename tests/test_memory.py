@@ -335,3 +335,99 @@ def test_sigkill_during_save_keeps_previous_memory(tmp_path):
     proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert snapshot(OpticalMemory.load(tmp_path)) == old
+
+
+# --------------------------------------------------------------------------- reader batching, CLI, eval
+def test_reader_with_batch_method_gets_batches():
+    m = filled(conversation(40), budget_tokens=400, recent_text_tokens=120)
+    truth = {ci.image.tobytes(): ci.text for ci in m.context().images}
+
+    class BatchReader:
+        def __init__(self):
+            self.batches = []
+
+        def __call__(self, image):
+            raise AssertionError("pages should go through batch()")
+
+        def batch(self, images):
+            self.batches.append(len(images))
+            return [truth[im.tobytes()] for im in images]
+
+    m.reader = BatchReader()
+    texts = m.read_pages([ci.image for ci in m.context().images], batch_size=4)
+    assert texts == [ci.text for ci in m.context().images]
+    n = len(set(truth))
+    assert m.reader.batches == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+
+
+def test_cli_add_show_recall(tmp_path, monkeypatch, capsys):
+    from optictx.cli import main
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"role": r, "content": t}) for r, t in conversation(30)) + "\n")
+    note = tmp_path / "note.txt"
+    note.write_text("Remember to water the ferns on Tuesday.")
+    d = str(tmp_path / "mem")
+    assert main(["memory", "add", str(chat), str(note), "--dir", d, "--budget", "300", "--recent", "80"]) == 0
+    assert main(["memory", "add", str(note), "--dir", d, "--document", "--budget", "9999"]) == 0  # settings kept
+    capsys.readouterr()
+    assert main(["memory", "show", "--dir", d, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    mem = OpticalMemory.load(d)
+    assert len(mem.entries) == 32 and mem.entries[-1].role == "document" and mem.budget_tokens == 300
+    led = mem.context().ledger
+    assert (shown["budget"], shown["total_tokens"], shown["image_tokens"]) == (300, led.total_tokens, led.image_tokens)
+    assert [r["level"] for r in shown["items"]] == [r.level for r in led.rows]
+    assert main(["memory", "show", "--dir", d, "--budget", "150"]) == 0
+    assert "decay schedule" in capsys.readouterr().out
+
+    truth = {ci.image.tobytes(): ci.text for ci in mem.context().images}
+
+    class FakeOCR:  # stands in for optictx.ocr.OCR: reads the pages' ground truth
+        def __init__(self, model, **kw):
+            assert model == "tiny"
+
+        def __call__(self, image):
+            return truth[image.tobytes()]
+
+    import optictx.ocr
+
+    monkeypatch.setattr(optictx.ocr, "OCR", FakeOCR)
+    assert main(["memory", "recall", "What is the code for locker 17?", "--dir", d, "-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "The code for locker 17 is 4831." in out and "image L" in out
+    assert main(["memory", "show", "--dir", str(tmp_path / "none")]) == 2  # typed error, no traceback
+
+
+def test_eval_memory_conversation_and_recall(tmp_path):
+    from optictx.eval import memory_eval as me
+
+    conv = me.make_conversation(3000, 6, seed=3)
+    lines = conv.lines
+    assert sum(text_tokens(s) for s in lines) >= 3000
+    assert len({f.answer for f in conv.facts}) == 6
+    for f in conv.facts:
+        assert f.sentence in conv.turns[f.turn][1] and f.answer in f.sentence
+    results = me.evaluate(conv, [250], reader=None, oracle=True)
+    tokens = [text_tokens(s) for s in lines]
+    window = me.text_window(lines, tokens, 250)
+    assert sum(text_tokens(s) for s in window.split("\n")) <= 250
+    for r, f in zip(results, conv.facts):
+        assert r.text_window == (f.answer in window)
+        assert r.optical_readable == (r.where != "forgotten")  # a perfect reader reads everything kept
+        assert r.optical <= r.optical_readable
+    assert sum(r.optical for r in results) > sum(r.text_window for r in results)
+
+
+def test_eval_memory_cli_writes_table_and_plot(tmp_path, capsys):
+    from optictx.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "memory", "--model", "oracle", "--budgets", "150,300", "--facts", "8", "--out",
+                 str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["conversation_tokens"] >= 10 * 300
+    assert [b["budget"] for b in data["summary"]["by_budget"]] == [150, 300]
+    assert len(data["facts"]) == 16
+    assert (out / "memory.png").stat().st_size > 10_000
+    assert "recall vs age" in capsys.readouterr().out
