@@ -217,3 +217,13 @@ def test_grouped_low_rank_output_projection_and_meta_build():
     assert big.wo_a.weight.shape == (8 * 1024, 64 * 512 // 8)
     assert big.compressor.wkv.weight.shape == (2 * 512, 4096)
     assert big.indexer.wq_b.weight.shape == (64 * 128, 1024)
+
+
+def test_cache_not_advanced_raises_generation_error():
+    from optictx.errors import GenerationError
+
+    layer = _layer(4)
+    cache = KVCache(num_layers=1)
+    layer(torch.randn(1, 6, 48), _pos(1, 6), cache, 0)  # 6 tokens: one block done, 2 pending
+    with pytest.raises(GenerationError, match="cache.seen"):
+        layer(torch.randn(1, 1, 48), _pos(1, 1, 6), cache, 0)  # seen was not advanced to 6

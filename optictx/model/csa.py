@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from optictx.config import PrimitivesConfig
-from optictx.errors import ConfigError
+from optictx.errors import ConfigError, GenerationError
 from optictx.model.attention import RMSNorm
 from optictx.model.cache import KVCache
 from optictx.model.mla import apply_rope_interleaved, rope_angles
@@ -93,7 +93,10 @@ class Compressor(nn.Module):
             state = CompressorState(kv[:, :0], score[:, :0])
         r = state.pending_kv.shape[1]
         if r != start % m:
-            raise ConfigError(f"compressor state holds {r} pending tokens but slot {start} needs {start % m}")
+            raise GenerationError(
+                f"compressor state holds {r} pending tokens but slot {start} needs {start % m}: "
+                "advance cache.seen by exactly the tokens of each forward"
+            )
         kv = torch.cat([state.pending_kv, kv], dim=1)
         score = torch.cat([state.pending_score, score], dim=1)
         n = kv.shape[1] // m
