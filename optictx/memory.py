@@ -122,10 +122,13 @@ class DecaySchedule:
         return sum(age >= scale * a for a in self.min_age)
 
     def describe(self, scale: float = 1.0, count: str = "vision_tokens") -> list[dict]:
-        """Rows for humans: level, mode, page side, font px, tokens per page, from which age, how made."""
+        """Rows for humans: level, mode, page side, font px, tokens per page, from which age, how made.
+        ``from_age`` is where a level really begins under the plan's ``scale`` (by age, the given ages
+        are a floor, so a scale above 1 changes nothing)."""
+        eff = min(1.0, scale) if self.by == "age" else scale
         return [{"level": i, "mode": lv.mode, "side": lv.side, "font_px": round(self.font_px(i), 1),
                  "tokens_per_page": self.tokens_per_page(i, count),
-                 "from_age": 0 if i == 0 else (math.inf if math.isinf(scale) else scale * self.min_age[i - 1]),
+                 "from_age": 0 if i == 0 else (math.inf if math.isinf(eff) else eff * self.min_age[i - 1]),
                  "made_by": "render" if lv.font_size is not None else f"downsample L{self.source(i)}"}
                 for i, lv in enumerate(self.levels)]
 
@@ -186,7 +189,7 @@ class Item:
 
 
 def count_pages(text: str, style: PageStyle) -> int:
-    """Pages ``render_text(text, style)`` would make, by layout only (no painting: ~10x cheaper), so the
+    """Pages ``render_text(text, style)`` would make, by layout only (no painting: ~5x cheaper), so the
     planner can price every item at every level. Tests hold it equal to ``len(render_text(...))``."""
     from optictx.render.text import _lines, layout, metrics, paragraphs, prepare
 
@@ -453,7 +456,7 @@ class OpticalMemory:
         costs = [[n_pages[i][j] * per_page[j] for j in range(L)] for i in range(len(items))]
         levels, scale = plan_levels(ages, costs, sch, budget - recent)
         images, rows = [], []
-        for it, age, lvl, npg in zip(items, ages, levels, n_pages):
+        for it, age, lvl in zip(items, ages, levels):
             row = LedgerRow(it.index, it.entries[0].turn, it.entries[-1].turn, age, lvl, None, None, 0, 0, 0, it.tokens)
             if lvl is not None:
                 lv = sch.levels[lvl]
@@ -548,12 +551,14 @@ class OpticalMemory:
             name = f"pages/i{ci.item:05d}-L{ci.level}-p{ci.page:03d}-{sha[:16]}.png"
             if not (folder / name).is_file() or file_sha256(folder / name) != sha:
                 _write_atomic(folder / name, data)
-            pages.append({"item": ci.item, "digest": items[ci.item].digest, "level": ci.level, "page": ci.page, "file": name,
-                          "sha256": sha, "text": ci.text})
+            pages.append({"item": ci.item, "digest": items[ci.item].digest, "level": ci.level, "page": ci.page,
+                          "file": name, "sha256": sha, "text": ci.text})
+        _fsync_dir(folder / "pages")  # every page is durable before the manifest names it
         manifest = {"format": FORMAT, "version": VERSION, "config": self.config_json(),
                     "entries": [{"turn": e.turn, "role": e.role, "text": e.text} for e in self.entries],
                     "pages": pages}
         _write_atomic(folder / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+        _fsync_dir(folder)
         keep = {p["file"] for p in pages}  # now unreferenced: old pages and temp files of crashed saves
         for f in [*(folder / "pages").iterdir(), *folder.glob(".manifest.json.*.tmp")]:
             if f.parent == folder or f"pages/{f.name}" not in keep:
@@ -690,8 +695,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    try:  # make the rename itself durable (POSIX); not possible on every platform
-        fd = os.open(path.parent, os.O_RDONLY)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames inside ``folder`` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -125,6 +125,11 @@ def test_schedule_validation_and_presets():
     assert [paper.font_px(i) for i in range(5)] == [20, 16, 10, 8, 4]
     assert [r["made_by"] for r in paper.describe()] == ["render"] + ["downsample L0"] * 4
     assert DecaySchedule(**paper.to_json()) == paper
+    tiny_age, tiny_budget = DecaySchedule.tiny(by="age"), DecaySchedule.tiny(by="budget")
+    assert [r["from_age"] for r in tiny_age.describe(float("inf"))] == [0, 8, 32, 128]  # ages are a floor
+    assert [r["from_age"] for r in tiny_age.describe(0.5)] == [0, 4, 16, 64]
+    assert [r["from_age"] for r in tiny_budget.describe(float("inf"))] == [0] + [float("inf")] * 3
+    assert [r["from_age"] for r in tiny_budget.describe(2.0)] == [0, 16, 64, 256]
 
 
 def test_count_pages_equals_render():

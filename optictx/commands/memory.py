@@ -146,11 +146,13 @@ def run_show(args: argparse.Namespace) -> int:
     console = Console()
     summary = Table(title=f"optical memory {args.dir}: {len(mem.entries)} turns", show_header=False)
     for k, v in (("budget", f"{led.budget} tokens ({led.count})"),
-                 ("in context", f"{led.total_tokens} = {led.recent_text_tokens} recent text + {led.image_tokens} image"),
+                 ("in context", f"{led.total_tokens} = {led.recent_text_tokens} recent text + "
+                                f"{led.image_tokens} image"),
                  ("images stand for", f"{led.image_text_tokens} text tokens"),
                  ("text tokens saved", str(led.text_tokens_saved)),
                  ("forgotten", f"{led.forgotten_text_tokens} text tokens"),
-                 ("decay scale", "none needed" if led.scale == float("inf") else f"x{led.scale:.3g} of the schedule's ages")):
+                 ("decay scale", "none needed" if led.scale == float("inf")
+                  else f"x{led.scale:.3g} of the schedule's ages")):
         summary.add_row(k, v)
     console.print(summary)
     sched = Table(title="decay schedule at this budget")
