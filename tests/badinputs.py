@@ -161,6 +161,20 @@ def reportlab_pdf(pages: int = 1, pagesize: tuple[float, float] = (595.0, 842.0)
     return buf.getvalue()
 
 
+def mixed_size_pdf(sizes: Sequence[tuple[float, float]] = ((200.0, 200.0), (20_000.0, 20_000.0))) -> bytes:
+    """One page per size: a normal page followed by an absurd one fails on page 2 only."""
+    from reportlab.pdfgen import canvas
+
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf, pagesize=sizes[0])
+    for i, size in enumerate(sizes):
+        c.setPageSize(size)
+        c.drawString(10, 10, f"page {i + 1}")
+        c.showPage()
+    c.save()
+    return buf.getvalue()
+
+
 def minimal_pdf(objects: Sequence[str]) -> bytes:
     """A PDF from object bodies (object 1 is the catalogue) with a correct xref table.
 
