@@ -218,7 +218,7 @@ class OCRTask:
     def evaluate(self, net: nn.Module, step: int) -> dict[str, float]:
         """Held-out teacher-forced loss with the true and with swapped images (the gap says reading has
         started), plus greedy-decode precision on a few pages."""
-        from optictx.eval.metrics import ocr_precision_recall
+        from optictx.eval.metrics import normalized_edit_distance, ocr_precision_recall
 
         net = getattr(net, "module", net)
         was_training = net.training
@@ -228,13 +228,17 @@ class OCRTask:
         true_loss = causal_lm_loss(net(batch["pixels"], batch["input_ids"])[0], batch["labels"])
         # control: every page decoded from another page's image
         swap_loss = causal_lm_loss(net(batch["pixels"].roll(1, dims=0), batch["input_ids"])[0], batch["labels"])
-        precs = []
-        for page in pages[:: max(1, len(pages) // self.cfg.eval_decode_pages)][: self.cfg.eval_decode_pages]:
+        scores = []
+        chosen = pages[:: max(1, len(pages) // self.cfg.eval_decode_pages)][: self.cfg.eval_decode_pages]
+        for page in chosen:
             pred = greedy_read(net.model, self.tok, page.image, self.cfg.grid, self.cfg.max_new_tokens)
-            precs.append(ocr_precision_recall(pred, page.text)[0])
+            p, r = ocr_precision_recall(pred, page.text)
+            scores.append((p, r, normalized_edit_distance(pred, page.text)))
         net.train(was_training)
+        p, r, ned = (float(np.mean(col)) for col in zip(*scores))
+        # precision alone rewards short guesses; recall and edit distance show whether the page was read
         return {"eval_loss": float(true_loss), "eval_swapped_loss": float(swap_loss),
-                "gap": float(swap_loss - true_loss), "eval_precision": float(np.mean(precs))}
+                "gap": float(swap_loss - true_loss), "eval_precision": p, "eval_recall": r, "eval_ned": ned}
 
 
 def head_attention_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
