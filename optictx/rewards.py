@@ -6,11 +6,12 @@ never raises.
 
 * **Format** (rule-based, 0-1, paper): primitive syntax — every ``<|ref|>…<|/ref|><|box|>[[x1,y1,x2,y2],…]<|/box|>``
   and ``<|point|>[[x,y],…]<|/point|>`` well formed, integers 0-999, boxes non-degenerate and ordered left to
-  right; one final ``\\boxed{}`` when the task has an answer; primitives present when the trigger asks for
-  them and absent when asked to answer directly. The mean of those checks is multiplied by
+  right; one final ``\\boxed{}`` when the task has an answer (grounding/pointing: a box/point list or a
+  refusal); primitives present when the trigger asks for them and absent when asked to answer directly. The mean of those checks is multiplied by
   ``1 - duplicate fraction``: the paper's penalty for redundancy such as duplicate boxes, which stops a
   model from looping on box generation.
-* **Quality** ({0, 0.5, 1}, paper: an LLM judge; here a rule proxy with the same five concerns): redundancy
+* **Quality** ({0, 0.5, 1}, paper: an LLM judge; here a rule proxy with the same five concerns, plus "no
+  answer at all"): redundancy
   (a primitive span repeated 3+ times), thinking/answer consistency (number of cited instances = boxed
   count; a stated relation, route or endpoint that matches the boxed answer), self-contradiction (two
   different boxed answers), boxes on real objects (IoU ≥ 0.5 with a drawn object; points inside one), and
@@ -188,6 +189,10 @@ def format_reward(sample: Sample, text: str) -> tuple[float, dict[str, float]]:
         tail = text[text.rfind("\\boxed{"):] if found else ""
         checks["boxed"] = float(len(found) == 1 and _BOXED.fullmatch(tail.strip().rstrip(".")) is not None)
     has_prims = syn.spans > 0
+    if sample.task in ("grounding", "pointing"):  # the answer is the primitive list itself, or a refusal
+        kind = "<|box|>" if sample.task == "grounding" else "<|point|>"
+        checks["answer_form"] = float((has_prims and kind in text.replace("\uff5c", "|")) or _REFUSAL.search(text)
+                                      is not None)
     if sample.task in THINKING_TASKS and sample.prompt.startswith(TRIGGER):
         wants_none = sample.task == "counting" and sample.answer == "0"  # "find none" needs no primitive
         checks["uses_primitives"] = float(has_prims or wants_none)
@@ -199,6 +204,7 @@ def format_reward(sample: Sample, text: str) -> tuple[float, dict[str, float]]:
 
 # ----------------------------------------------------------------------------- quality
 
+_REFUSAL = re.compile(r"\bthere (?:is|are) no\b", re.IGNORECASE)
 _RELATION = re.compile(r"\bis\s+(left of|right of|above|below|inside|outside)\b", re.IGNORECASE)
 _REACHES = re.compile(r"\b(?:reaches|connects to|ends at)\s+(\w+)", re.IGNORECASE)
 _NOT_SOLVABLE = re.compile(r"\b(not solvable|unsolvable|no (?:path|route))\b", re.IGNORECASE)
@@ -217,6 +223,10 @@ def quality_issues(sample: Sample, text: str) -> list[str]:
     if len(answers) > 1:
         issues.append("self-contradiction: different boxed answers")
     final = normalise(final_answer(text))
+    if sample.task in ANSWER_TASKS and final is None:
+        issues.append("no final answer")
+    if sample.task in ("grounding", "pointing") and not prims and not _REFUSAL.search(text):
+        issues.append("no answer: neither primitives nor a refusal")
     issues += _consistency(sample, text, prims, final)
     issues += _grounded(sample, prims)
     return issues

@@ -1,0 +1,356 @@
+"""Supervised stages of the visual-primitives pipeline (lineage §5.3, §9 step 7) on the generic loop.
+
+One task class serves every SFT-shaped stage; a recipe stage only changes its *mixture* (which generators,
+in which proportions, in which thinking modes) and, for unified RFT, replaces the gold answers by filtered
+expert rollouts:
+
+* pretrain on boxes and points (grounding + pointing answers, which *are* primitive lists);
+* the grounding specialist (counting and spatial reasoning that cite boxes, plus general questions);
+* the pointing specialist (counting that cites points, maze DFS narrations, path tracing, plus general);
+* the ablation without primitives (every prompt "Answer directly", gold answers with no primitives);
+* unified RFT: the same loss on expert rollouts (``records``), retrained from the pretrained checkpoint.
+
+Sequence layout (ours; the paper does not publish its template): the image slots come first, so with the
+block2x2 token order every CSA entry of a full 2×2 cell is a spatial square (vit.py), then the chat turn::
+
+    <image>×N <|User|>{prompt}<|Assistant|>{answer}<eos>
+
+Only the answer (and EOS) is supervised. A batch is right-padded; prompts are never left-padded during
+generation either (rollouts batch equal-length prompts), so CSA blocks sit on the same slots in training
+and inference.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from optictx.data import mazes, paths, scenes
+from optictx.data.sample import MODES, Sample
+from optictx.errors import ConfigError
+from optictx.tokenizer import Tokenizer
+
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"
+TASKS: dict[str, Callable[..., Sample]] = {
+    "grounding": scenes.grounding, "pointing": scenes.pointing, "counting": scenes.counting,
+    "spatial": scenes.spatial, "general": scenes.general, "maze": mazes.maze, "path": paths.path,
+}
+_CONFIG_OF = {"grounding": "scene", "pointing": "scene", "counting": "scene", "spatial": "scene",
+              "general": "scene", "maze": "maze", "path": "path"}
+_CONFIG_CLASS = {"scene": scenes.SceneConfig, "maze": mazes.MazeConfig, "path": paths.PathConfig}
+
+
+def dataclass_from(cls, values: dict | None, where: str):
+    """Build a config dataclass from a recipe dict, refusing unknown keys (a typo must not pass silently)."""
+    values = dict(values or {})
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+
+@dataclass
+class Mixture:
+    """Which samples a stage sees: task weights, thinking-mode weights and the generators' configs.
+
+    ``modes`` may be one dict for all tasks or ``{task: {mode: weight}}`` per task.
+    """
+
+    tasks: dict[str, float]
+    modes: dict[str, Any] = field(default_factory=lambda: {"trigger": 0.7, "auto": 0.3})
+    scene: dict[str, Any] = field(default_factory=dict)
+    maze: dict[str, Any] = field(default_factory=dict)
+    path: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = set(self.tasks) - set(TASKS)
+        if bad or not self.tasks or min(self.tasks.values()) < 0 or sum(self.tasks.values()) <= 0:
+            raise ConfigError(f"mixture tasks {self.tasks} must be positive weights over {sorted(TASKS)}")
+        self._names = sorted(self.tasks)
+        self._p = np.array([self.tasks[t] for t in self._names], float)
+        self._p /= self._p.sum()
+        self._configs = {k: dataclass_from(_CONFIG_CLASS[k], getattr(self, k), f"mixture.{k}").validate()
+                         for k in _CONFIG_CLASS}
+        for t in self._names:
+            self._mode_table(t)
+
+    def _mode_table(self, task: str) -> tuple[list[str], np.ndarray]:
+        spec = self.modes.get(task, self.modes) if isinstance(self.modes.get(task), dict) else self.modes
+        spec = {k: v for k, v in spec.items() if k in MODES}
+        if not spec or min(spec.values()) < 0 or sum(spec.values()) <= 0:
+            raise ConfigError(f"mixture modes for {task} must be positive weights over {MODES}, got {self.modes}")
+        names = sorted(spec)
+        p = np.array([spec[m] for m in names], float)
+        return names, p / p.sum()
+
+    def config(self, task: str):
+        return self._configs[_CONFIG_OF[task]]
+
+    def draw(self, seed: int, index: int) -> tuple[str, str]:
+        """(task, mode) of sample ``index``: a pure function of (seed, index)."""
+        r = np.random.default_rng([int(seed), int(index), 97])
+        task = self._names[int(r.choice(len(self._names), p=self._p))]
+        modes, p = self._mode_table(task)
+        return task, modes[int(r.choice(len(modes), p=p))]
+
+    def sample(self, seed: int, index: int) -> Sample:
+        task, mode = self.draw(seed, index)
+        return make_sample(task, seed, index, mode, self.config(task))
+
+
+def make_sample(task: str, seed: int, index: int, mode: str, cfg=None) -> Sample:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    return TASKS[task](seed, index, cfg, mode=mode)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def image_tensor(sample_or_image, cfg) -> torch.Tensor:
+    """PIL image -> the ViT's normalised [3, H, W] input (sides already multiples of 42 stay as they are)."""
+    from optictx.model.vit import prepare_vit_image
+
+    image = sample_or_image.image if isinstance(sample_or_image, Sample) else sample_or_image
+    return prepare_vit_image(image, cfg)
+
+
+def n_image_tokens(pixels: torch.Tensor, cfg) -> int:
+    unit = cfg.patch_size * cfg.merge_size
+    return (pixels.shape[-2] // unit) * (pixels.shape[-1] // unit)
+
+
+def prompt_ids(tok: Tokenizer, n_image: int, prompt: str) -> list[int]:
+    """``<image>×N <|User|>{prompt}<|Assistant|>`` (see module doc)."""
+    return [tok.image_token_id] * n_image + tok.encode(f"{USER}{prompt}{ASSISTANT}")
+
+
+def encode_example(tok: Tokenizer, pixels: torch.Tensor, prompt: str, answer: str, cfg) -> tuple[list[int], list[int]]:
+    """(input ids, labels) with only the answer and EOS supervised."""
+    head = prompt_ids(tok, n_image_tokens(pixels, cfg), prompt)
+    body = tok.encode(answer) + [tok.eos_id]
+    return head + body, [-100] * len(head) + body
+
+
+def collate(tok: Tokenizer, examples: Sequence[tuple[torch.Tensor, str, str]], cfg, max_len: int) -> dict:
+    """Right-padded batch of (pixels, prompt, answer); answers longer than ``max_len`` total are cut."""
+    ids, labels, pix = [], [], []
+    for pixels, prompt, answer in examples:
+        i, lab = encode_example(tok, pixels, prompt, answer, cfg)
+        ids.append(i[:max_len])
+        labels.append(lab[:max_len])
+        pix.append(pixels)
+    t = max(map(len, ids))
+    pad = lambda rows, v: torch.tensor([r + [v] * (t - len(r)) for r in rows])  # noqa: E731
+    return {"input_ids": pad(ids, tok.pad_id), "labels": pad(labels, -100), "pixel_values": pix}
+
+
+def tokenizer_texts(mixture: Mixture, seed: int, n: int) -> list[str]:
+    """Prompts and answers of ``n`` samples: what the stage's BPE is trained on."""
+    out = []
+    for i in range(n):
+        s = mixture.sample(seed, i)
+        out.append(f"{USER}{s.prompt}{ASSISTANT}{s.target}")
+    return out
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Rollout:
+    sample: Sample
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt: list[int]
+    pixels: torch.Tensor
+
+
+@torch.no_grad()
+def rollouts(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], n: int = 1, *,
+             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             max_rows: int = 32, prompts: Sequence[str] | None = None) -> list[Rollout]:
+    """``n`` completions per sample, batching only prompts of equal length (no padding ever).
+
+    ``prompts`` overrides each sample's prompt (the evaluation's "direct" ablation uses it).
+    """
+    from optictx.generate import GenerationConfig, generate
+
+    cfg = model.config
+    was_training = model.training
+    model.eval()
+    items = []
+    for k, s in enumerate(samples):
+        pixels = image_tensor(s, cfg)
+        prompt = prompts[k] if prompts is not None else s.prompt
+        items.append(Rollout(s, [], [], prompt_ids(tok, n_image_tokens(pixels, cfg), prompt), pixels))
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for k, item in enumerate(items):
+        by_len[len(item.prompt)].append(k)
+    per_batch = max(1, max_rows // n)
+    call = 0
+    for length in sorted(by_len):
+        group = by_len[length]
+        for start in range(0, len(group), per_batch):
+            chunk = group[start:start + per_batch]
+            rows = [items[k].prompt for k in chunk for _ in range(n)]
+            pix = [items[k].pixels for k in chunk for _ in range(n)]
+            gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed * 100_003 + call, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+            out = generate(model, torch.tensor(rows), gen, prefill={"pixel_values": pix})
+            call += 1
+            for j, k in enumerate(chunk):
+                ids = out.token_ids[j * n:(j + 1) * n]
+                items[k].token_ids.extend(ids)
+                items[k].texts.extend(tok.decode(t) for t in ids)
+    model.train(was_training)
+    return items
+
+
+# ----------------------------------------------------------------------------- the SFT task
+
+
+@dataclass
+class SFTConfig:
+    seed: int = 0
+    batch_size: int = 8
+    max_len: int = 1024
+    eval_samples: int = 24  # teacher-forced held-out loss
+    eval_decode: int = 8  # greedy decodes scored with the rewards
+    eval_seed: int = 1_000_003  # held-out seed range: never used for training
+    max_new_tokens: int = 320
+
+
+@dataclass
+class Record:
+    """One RFT example: a sample id and the expert text that replaces its gold answer."""
+
+    task: str
+    seed: int
+    index: int
+    mode: str
+    text: str
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, ensure_ascii=False)
+
+
+def read_records(path: str | Path) -> list[Record]:
+    with open(path, encoding="utf-8") as f:
+        return [Record(**json.loads(line)) for line in f if line.strip()]
+
+
+class PrimitivesSFTTask:
+    """Task protocol of ``train.loop``: batch(step, micro, rank, world), loss(net, batch, step), evaluate."""
+
+    def __init__(self, tok: Tokenizer, model_cfg, mixture: Mixture, cfg: SFTConfig,
+                 records: Sequence[Record] | None = None):
+        self.tok, self.model_cfg, self.mixture, self.cfg = tok, model_cfg, mixture, cfg
+        self.records = list(records) if records is not None else None
+        if self.records is not None and not self.records:
+            raise ConfigError("RFT needs at least one record (no expert rollout passed the filter)")
+        self._eval: list[Sample] | None = None
+
+    def example(self, index: int) -> tuple[torch.Tensor, str, str]:
+        if self.records is None:
+            s = self.mixture.sample(self.cfg.seed, index)
+            return image_tensor(s, self.model_cfg), s.prompt, s.target
+        rec = self.records[index % len(self.records)]
+        s = make_sample(rec.task, rec.seed, rec.index, rec.mode, self.mixture.config(rec.task))
+        return image_tensor(s, self.model_cfg), s.prompt, rec.text
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict:
+        bs = self.cfg.batch_size
+        base = ((step * 64 + micro) * world + rank) * bs  # unique, replayable sample indices
+        if self.records is not None:  # epochs over the records, reshuffled per epoch
+            order = np.random.default_rng([self.cfg.seed, base // max(1, len(self.records))]).permutation(
+                len(self.records))
+            idx = [int(order[(base + i) % len(self.records)]) for i in range(bs)]
+        else:
+            idx = [base + i for i in range(bs)]
+        return collate(self.tok, [self.example(i) for i in idx], self.model_cfg, self.cfg.max_len)
+
+    def loss(self, net: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = net(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"])
+        tokens = float((batch["labels"] != -100).sum())
+        return out.loss, {"loss": float(out.loss.detach()), "tokens": tokens}
+
+    def eval_samples(self) -> list[Sample]:
+        if self._eval is None:
+            self._eval = [self.mixture.sample(self.cfg.eval_seed, i) for i in range(self.cfg.eval_samples)]
+        return self._eval
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Held-out teacher-forced loss, plus rewards of greedy decodes on a few held-out prompts."""
+        from optictx.rewards import score
+
+        model = getattr(model, "module", model)
+        was = model.training
+        model.eval()
+        samples = self.eval_samples()
+        losses = []
+        for start in range(0, len(samples), self.cfg.batch_size):
+            chunk = samples[start:start + self.cfg.batch_size]
+            b = collate(self.tok, [(image_tensor(s, self.model_cfg), s.prompt, s.target) for s in chunk],
+                        self.model_cfg, self.cfg.max_len)
+            losses.append(float(model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+                                      labels=b["labels"]).loss))
+        logs = {"eval_loss": float(np.mean(losses))}
+        if self.cfg.eval_decode:
+            outs = rollouts(model, self.tok, samples[: self.cfg.eval_decode], 1,
+                            max_new_tokens=self.cfg.max_new_tokens)
+            rewards = [score(o.sample, o.texts[0]) for o in outs]
+            logs.update(eval_correct=float(np.mean([r.correct for r in rewards])),
+                        eval_reward=float(np.mean([r.total for r in rewards])))
+        model.train(was)
+        return logs
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def save_model(model: nn.Module, tok: Tokenizer, folder: str | Path, dtype: str = "float32") -> Path:
+    """config.json + model.safetensors + tokenizer: a folder ``load_model`` (and ``optictx reason``) reads."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch_dtype = getattr(torch, dtype)
+    tensors = {k: (v.to(torch_dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    tmp = folder / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / "model.safetensors")
+    tok.save(folder)
+    config = model.config.to_dict() | {"torch_dtype": dtype, "model_type": "optictx-primitives"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """-> (PrimitivesModel in eval mode, Tokenizer) from a ``save_model`` folder."""
+    from optictx.config import PrimitivesConfig
+    from optictx.errors import WeightsError
+    from optictx.model.reasoner import PrimitivesModel
+    from optictx.weights import load_into
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"{folder} has no config.json; expected a folder written by save_model / a stage")
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = {k: v for k, v in raw.items() if k not in ("torch_dtype", "model_type")}
+    cfg = PrimitivesConfig.from_dict(raw)
+    model = PrimitivesModel(cfg)
+    load_into(model, folder / "model.safetensors", dtype, device)
+    return model.to(device=device, dtype=dtype).eval(), Tokenizer.from_pretrained(folder)
