@@ -48,6 +48,7 @@ class GenerationConfig:
     ngram_size: int = 0  # vLLM windowed guard (0 = off)
     window_size: int = 100
     whitelist_token_ids: frozenset[int] = frozenset()
+    suppress_token_ids: frozenset[int] = frozenset()  # never generated (e.g. <image>: slots come from the prompt)
     use_cache: bool = True  # False recomputes the whole sequence every step (the baseline; tests, benchmarks)
 
     def __post_init__(self) -> None:
@@ -398,7 +399,9 @@ def _rows_prefill(prefill: dict[str, Any], live: list[int], n_rows: int, length:
 
 
 def _ban(logits: torch.Tensor, live: list[_Row], cfg: GenerationConfig) -> None:
-    """Set banned tokens to -inf, in one indexed write for the whole batch."""
+    """Set suppressed and n-gram-banned tokens to -inf, in one indexed write for the whole batch."""
+    if cfg.suppress_token_ids:
+        logits[:, sorted(cfg.suppress_token_ids)] = float("-inf")
     if not (cfg.no_repeat_ngram_size or cfg.ngram_size):
         return
     rows, cols = [], []

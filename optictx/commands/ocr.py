@@ -238,9 +238,8 @@ def ocr_page(ocr, doc: Document, page: int, image, out: Path, annotate: bool) ->
         _save_image(crop, out / Path(doc.name).parent / img_dir / f"{page}_{idx}.jpg")
     if annotate:
         _save_image(result.annotated(), out / f"{doc.name}_annotated" / f"page-{page:04d}.jpg")
-    record = {"doc": str(doc.path), "page": page, "ok": True} | result.to_dict()
-    record.update(markdown=markdown, source=str(doc.path))
-    return record
+    fields = {k: v for k, v in result.to_dict().items() if k not in ("page", "source")}
+    return {"doc": str(doc.path), "page": page, "ok": True} | fields | {"markdown": markdown}
 
 
 def error_record(doc: Document, page: int, e: BaseException) -> dict:
