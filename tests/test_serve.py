@@ -474,6 +474,46 @@ def test_request_timeout(engine):
         assert r.status_code == 200
 
 
+def test_remote_urls_only_when_allowed(engine):
+    """--allow-remote-urls fetches http(s) images (here from a local server); other schemes stay refused."""
+    import http.server
+
+    from fastapi.testclient import TestClient
+
+    from optictx.serve.app import ServerSettings, create_app
+
+    png = png_bytes(page_image(14))
+
+    class Pages(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            found = self.path == "/page.png"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Length", str(len(png) if found else 0))
+            self.end_headers()
+            if found:
+                self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{pages.server_address[1]}"
+    try:
+        with TestClient(create_app(engine, ServerSettings(allow_remote_urls=True))) as tc:
+            body = chat_body(png, max_tokens=3)
+            local = tc.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+            body["messages"][0]["content"][0]["image_url"]["url"] = base + "/page.png"
+            r = tc.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == local
+            for url, match in ((base + "/missing.png", "could not fetch"), ("file:///etc/passwd", "data: URL")):
+                body["messages"][0]["content"][0]["image_url"]["url"] = url
+                assert match in assert_error(tc.post("/v1/chat/completions", json=body), 400,
+                                             "invalid_request_error")["message"]
+    finally:
+        pages.shutdown()
+
+
 def test_serve_command_arguments():
     from optictx.cli import build_parser
     from optictx.commands.serve import settings_from_args

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 from optictx.budget import ocr_budget
 from optictx.errors import (ConfigError, GenerationError, ImageError, InputTooLargeError, ModelNotFoundError,
                             OptictxError, PDFError)
-from optictx.serve.batching import DynamicBatcher, Engine, RequestTimeoutError, Sampling, Work
+from optictx.serve.batching import DynamicBatcher, Engine, QueueFullError, RequestTimeoutError, Sampling, Work
 from optictx.serve.schemas import (ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, Limits, ModelCard,
                                    ModelList, OCRResponse, Options)
 
@@ -222,21 +222,22 @@ def decode_data_url(url: str) -> bytes:
 
 async def fetch_remote(url: str, settings: ServerSettings) -> bytes:
     """GET an http(s) image, at most ``max_body_bytes``; only called when the operator allowed it."""
-    import httpx
+    return await asyncio.to_thread(_fetch, url, settings.max_body_bytes)
 
+
+def _fetch(url: str, limit: int, timeout: float = 15.0) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "optictx"})
     try:
-        async with httpx.AsyncClient(timeout=15.0, follow_redirects=True) as client:
-            async with client.stream("GET", url) as r:
-                if r.status_code != 200:
-                    raise ImageError(f"fetching {url} gave HTTP {r.status_code}")
-                data = bytearray()
-                async for chunk in r.aiter_bytes():
-                    data += chunk
-                    if len(data) > settings.max_body_bytes:
-                        raise InputTooLargeError(f"{url} is over {settings.max_body_bytes:,} bytes")
-                return bytes(data)
-    except httpx.HTTPError as e:
+        with urllib.request.urlopen(request, timeout=timeout) as r:  # noqa: S310 - http(s) only, checked above
+            data = r.read(limit + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
         raise ImageError(f"could not fetch {url}: {e}") from None
+    if len(data) > limit:
+        raise InputTooLargeError(f"{url} is over {limit:,} bytes")
+    return data
 
 
 def _last_user(req: ChatCompletionRequest):
@@ -358,6 +359,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             works.append(w)
         return works
 
+    def _room_for(n: int) -> None:
+        """Refuse early (before decoding images) when the queue cannot take the request anyway."""
+        if batcher.queued + n > settings.max_queue:
+            raise QueueFullError(f"the server queue is full ({batcher.queued} of {settings.max_queue} pages "
+                                 "waiting); retry in a moment")
+
     async def wait_all(works: list[Work], deadline: float) -> list[Any]:
         batcher.submit(works)
         try:
@@ -406,6 +413,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         if req.stop:
             raise GenerationError("'stop' is not supported by this server")
         url, prompt = chat_inputs(req)
+        _room_for(1)
         if url.startswith("data:"):
             data = decode_data_url(url)
         elif url.startswith(("http://", "https://")):
@@ -471,6 +479,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return_images: bool = Form(False, description="include each rendered PDF page as a data: URL"),
     ):
         deadline = time.monotonic() + settings.request_timeout_s
+        _room_for(1)
         data = await file.read()
         if not data:
             raise ImageError("the uploaded file is empty")
