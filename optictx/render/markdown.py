@@ -345,7 +345,7 @@ def paint_page(items: list[_Placed], style: PageStyle, index: int) -> RenderedPa
             for line, ts, x0, width, base in row.texts:
                 placed = paint_line(ink, placements(line, ts, x0, width), ts, y + base)
                 if placed:
-                    words += [TextBox(w, b, to_999(b, W, H)) for w, b in placed]
+                    words += placed
                     box = _union([b for _, b in placed])
                     lines.append(TextBox(line.text, box, to_999(box, W, H)))
                     boxes.append(box)
@@ -355,7 +355,7 @@ def paint_page(items: list[_Placed], style: PageStyle, index: int) -> RenderedPa
             box = _union(boxes)
             blocks.append(Block(item.laid.block.label, source, box, to_999(box, W, H)))
     image = ink_to_image(ink, style.fg, style.bg)
-    return RenderedPage(image=image, text="".join(sources), lines=lines, words=words, blocks=blocks, index=index)
+    return RenderedPage(image=image, text="".join(sources), lines=lines, word_boxes=words, blocks=blocks, index=index)
 
 
 def render_markdown(md: str, style: PageStyle | None = None, *, max_pages: int | None = None) -> list[RenderedPage]:

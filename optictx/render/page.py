@@ -6,6 +6,7 @@ Coordinates: ``box_px`` is ``(x1, y1, x2, y2)`` in pixels with x2/y2 exclusive (
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -65,14 +66,22 @@ class RenderedPage:
     ``text`` is what is on the page, in reading order: visual lines joined by ``"\\n"`` (a blank line keeps
     paragraphs apart; for markdown it is the markdown source of the page). ``lines`` / ``words`` hold a
     box per non-empty line / per word (per character for CJK, which has no spaces to break on).
+    ``words`` is built from ``word_boxes`` on first use: most training consumers read only text and lines.
     """
 
     image: Image.Image
     text: str
     lines: list[TextBox]
-    words: list[TextBox]
+    word_boxes: list[tuple[str, Box]] = field(default_factory=list, repr=False)
     blocks: list[Block] = field(default_factory=list)
     index: int = 0
+
+    @functools.cached_property
+    def words(self) -> list[TextBox]:
+        w, h = self.image.size
+        sx, sy = 999 / w, 999 / h  # boxes are clipped to the page, so no clamping is needed
+        return [TextBox(t, b, (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy)))
+                for t, b in self.word_boxes]
 
 
 def _colour(value, name: str) -> tuple[int, int, int]:
@@ -191,8 +200,8 @@ def augment(page: RenderedPage, style: PageStyle) -> RenderedPage:
             box = _rotate_box(tb.box_px, angle, w, h)
             return tb._replace(box_px=box, box_999=to_999(box, w, h))
 
-        page = replace(page, lines=[move(t) for t in page.lines], words=[move(t) for t in page.words],
-                       blocks=[move(b) for b in page.blocks])
+        page = replace(page, lines=[move(t) for t in page.lines], blocks=[move(b) for b in page.blocks],
+                       word_boxes=[(t, _rotate_box(b, angle, w, h)) for t, b in page.word_boxes])
     if style.blur_radius:
         image = image.filter(ImageFilter.GaussianBlur(style.blur_radius))
     if style.noise_std:

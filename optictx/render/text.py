@@ -80,7 +80,10 @@ def paragraphs(text: str, label: str = "text", first_block: int = 0) -> list[Par
     out, block, blank_before = [], first_block - 1, True
     for src in text.split("\n"):
         words, gaps, spaces = [], [], 0
-        for part in src.split(" "):
+        if src.isascii() and "  " not in src and not src.startswith(" ") and not src.endswith(" "):
+            words = src.split(" ") if src else []  # the common case: single spaces, no CJK to split
+            gaps = [0] + [1] * (len(words) - 1) if words else []
+        for part in () if words or not src else src.split(" "):
             if not part:
                 spaces += 1
                 continue
@@ -117,22 +120,28 @@ def wrap(para: Paragraph, ts: Typesetter, width: float) -> Iterator[Line]:
     if not para.words:
         yield Line([], [], [], 0.0, para)
         return
+    cached, space = ts._adv.get, ts.space
     words, gaps, xs, x = [], [], [], 0.0
     for i, (word, n) in enumerate(zip(para.words, para.gaps)):
-        gap = min(n * ts.space, width / 2) if (words or i == 0) else 0.0
-        adv = ts.advance(word)
-        if words and x + gap + adv > width:
-            yield Line(words, gaps, xs, x, para)
-            words, gaps, xs, x, gap, n = [], [], [], 0.0, 0.0, 0
-        pieces = [word] if gap + adv <= width else _split_long(word, ts, width - gap)
-        for piece in pieces[:-1]:
-            yield Line(words + [piece], gaps + [n], xs + [x + gap], x + gap + ts.advance(piece, False), para)
-            words, gaps, xs, x, gap, n = [], [], [], 0.0, 0.0, 0
-        word = pieces[-1]
+        gap = (n * space if n < 8 else min(n * space, width / 2)) if (words or not i) else 0.0
+        adv = cached(word)
+        if adv is None:
+            adv = ts.advance(word)
+        if x + gap + adv > width:
+            if words:
+                yield Line(words, gaps, xs, x, para)
+                words, gaps, xs, x, gap, n = [], [], [], 0.0, 0.0, 0
+            if gap + adv > width:  # wider than the column on its own: hard-break it
+                pieces = _split_long(word, ts, width - gap)
+                for piece in pieces[:-1]:
+                    yield Line([piece], [n], [gap], gap + ts.advance(piece, False), para)
+                    gap, n = 0.0, 0
+                word = pieces[-1]
+                adv = ts.advance(word, cache=False)
         words.append(word)
         gaps.append(n)
         xs.append(x + gap)
-        x += gap + ts.advance(word, cache=len(pieces) == 1)
+        x += gap + adv
     yield Line(words, gaps, xs, x, para)
 
 
@@ -257,33 +266,39 @@ def paint_line(ink: np.ndarray, placed: list[tuple[str, float]], ts: Typesetter,
     overlaps (or is taller than the strip) falls back to one ``np.maximum`` blit per word.
     """
     get, image = ts._img.get, ts.image
-    items = []
+    items, ordered, prev, x0, x1 = [], True, -(1 << 30), 1 << 30, -(1 << 30)
     for word, x in placed:
         img = get(word) or image(word)
         if img.width:
-            items.append((word, img, round(x) + img.left))
+            bx = round(x) + img.left
+            if bx < prev:  # reading order is not left to right (RTL words)
+                ordered = False
+            prev = bx
+            if bx < x0:
+                x0 = bx
+            if bx + img.width > x1:
+                x1 = bx + img.width
+            items.append((word, img, bx))
     if not items:
         return []
-    drawn = items if all(a[2] <= b[2] for a, b in zip(items, items[1:])) else sorted(items, key=lambda t: t[2])
-    x0 = drawn[0][2]
-    x1 = max(bx + img.width for _, img, bx in items)
+    drawn = items if ordered else sorted(items, key=lambda t: t[2])
     buf = np.zeros((ts.strip_h, x1 - x0), np.uint8)
     cursor = x0
     for _, img, bx in drawn:  # left to right
         if img.strip is None or bx < cursor:
             break
+        buf[:, bx - x0:bx - x0 + img.width] = img.strip
         cursor = bx + img.width
-        buf[:, bx - x0:cursor - x0] = img.strip
     else:
         _blit(ink, buf, x0, baseline + ts.strip_top)
         cursor = -1
-    if cursor >= 0:  # overlapping or tall ink: word by word
+    tall = cursor >= 0
+    if tall:  # overlapping or tall ink: word by word
         for _, img, bx in items:
             _blit(ink, img.mask, bx, baseline + img.top)
-    out = [(word, (bx, baseline + img.top, bx + img.width, baseline + img.top + img.mask.shape[0]))
-           for word, img, bx in items]
+    out = [(word, (bx, baseline + img.top, bx + img.width, baseline + img.bottom)) for word, img, bx in items]
     H, W = ink.shape  # ground truth stays in reading order
-    if x0 < 0 or x1 > W or min(b[1] for _, b in out) < 0 or max(b[3] for _, b in out) > H:
+    if tall or x0 < 0 or x1 > W or baseline + ts.strip_top < 0 or baseline + ts.strip_top + ts.strip_h > H:
         out = [(w, (max(b[0], 0), max(b[1], 0), min(b[2], W), min(b[3], H))) for w, b in out]
         out = [(w, b) for w, b in out if b[0] < b[2] and b[1] < b[3]]
     return out
@@ -304,8 +319,7 @@ def paint(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics, 
             baseline = style.margin + round(m.first + i * m.pitch)
             placed = paint_line(ink, placements(line, ts, x0, style.column_width), ts, baseline)
             if placed:
-                words += [TextBox(w, b, (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy)))
-                          for w, b in placed]
+                words += placed
                 b = _union([b for _, b in placed])
                 lines.append(TextBox(text, b, (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy))))
                 if line.para.block >= 0:
@@ -317,7 +331,7 @@ def paint(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics, 
                 blocks.append(Block(line.para.label, text, b, to_999(b, W, H)))
                 block_lines = []
     image = ink_to_image(ink, style.fg, style.bg)
-    return RenderedPage(image=image, text="\n".join(texts), lines=lines, words=words, blocks=blocks, index=index)
+    return RenderedPage(image=image, text="\n".join(texts), lines=lines, word_boxes=words, blocks=blocks, index=index)
 
 
 _SCRATCH = threading.local()

@@ -3,7 +3,8 @@
 Why this design: FreeType runs the hinting bytecode of Noto fonts for every glyph it rasterises
 (~100 µs per glyph with Pillow), so drawing a dense A4 page (~5,000 glyphs) with Pillow costs ~0.4 s.
 Here every glyph is rasterised once per (face, size); a word's bitmap is assembled from its glyphs
-with numpy and cached; a page is ~800 ``np.maximum`` blits of cached words into one uint8 ink array.
+with numpy (one ``np.concatenate`` of glyph strips) and cached; a line is a copy of its cached word
+strips into one buffer and a single blit into the page's uint8 ink array.
 
 Positions follow what Pillow+raqm would draw: advances and pair kerning are HarfBuzz's (measured once
 per face at a 1000 px reference size, so they are exact at every size), and each glyph lands on the
@@ -24,8 +25,10 @@ from optictx.render.fonts import FontFile, FontStack, coverage, font_stack, load
 
 REF_SIZE = 1000
 NO_LIGATURES = ["-liga", "-clig", "-dlig"]
-WORD_CACHE_BYTES = 64 << 20
-"""Word bitmaps kept per typesetter before the cache is dropped (a dense A4 corpus needs a few MB)."""
+WORD_CACHE_BYTES = 32 << 20
+"""Word bitmaps kept per typesetter before its cache is dropped (~10k words of a 24 px font)."""
+ADVANCE_CACHE_WORDS = 500_000
+"""Word advances kept per typesetter (a float per word) before that cache is dropped."""
 
 _COMPLEX_RANGES = ((0x0590, 0x08FF), (0x0900, 0x0DFF), (0x0E00, 0x0FFF), (0x1000, 0x109F),
                    (0x1780, 0x17FF), (0xFB1D, 0xFDFF), (0xFE70, 0xFEFF))
@@ -81,7 +84,8 @@ class WordImage:
     top: int
     advance: float
     strip: np.ndarray | None
-    width: int = 0  # ink columns (mask.shape[1]), kept as a field because the paint loop reads it
+    width: int = 0  # ink columns and the row below the ink (top + rows): fields because the paint loop
+    bottom: int = 0  # reads them for every word
 
 
 class FaceMetrics:
@@ -159,7 +163,7 @@ class Typesetter:
         pad = max(2, size // 4)
         self.strip_top = -(self.ascent + pad)  # rows of a line strip, relative to the baseline
         self.strip_h = self.ascent + self.descent + 2 * pad
-        self.zeros = np.zeros((self.strip_h, 4 * size), np.uint8)  # gaps between word strips (views)
+        self._gaps = [np.zeros((self.strip_h, w), np.uint8) for w in range(2 * size)]
         self.space = face_metrics(stack.fonts[0]).advance(" ") * size
         self._adv: dict[str, float] = {}
         self._img: dict[str, WordImage] = {}
@@ -205,27 +209,44 @@ class Typesetter:
         if got is None:
             got = sum(self._run_advance(f, t) for f, t in self.runs(word))
             if cache:
+                if len(self._adv) >= ADVANCE_CACHE_WORDS:
+                    self._adv.clear()
                 self._adv[word] = got
         return got
 
-    def _glyph_of(self, face: int, ch: str) -> tuple[np.ndarray, int, int]:
+    def _stripped(self, mask: np.ndarray, dx: int, dy: int) -> tuple[np.ndarray, int, int, np.ndarray | None]:
+        """Add the bitmap padded to the line-strip rows (None when its ink is taller than the strip)."""
+        row = dy - self.strip_top
+        if not mask.size or row < 0 or row + mask.shape[0] > self.strip_h:
+            return mask, dx, dy, None
+        strip = np.zeros((self.strip_h, mask.shape[1]), np.uint8)
+        strip[row:row + mask.shape[0]] = mask
+        return strip[row:row + mask.shape[0]], dx, dy, strip
+
+    def _glyph_of(self, face: int, ch: str) -> tuple[np.ndarray, int, int, np.ndarray | None]:
         key = (face, ch)
         g = self._glyph.get(key)
         if g is None:
-            g = self._glyph[key] = _rasterise(self.font(face), ch)
+            g = self._glyph[key] = self._stripped(*_rasterise(self.font(face), ch))
         return g
 
-    def _run_pieces(self, face: int, text: str, x0: float) -> list[tuple[np.ndarray, int, int]]:
-        """Bitmaps of one run with integer offsets from the word's pen origin."""
+    def _gap(self, width: int) -> np.ndarray:
+        """Zero columns between glyphs or words; small widths are shared arrays, never written to."""
+        if width < len(self._gaps):
+            return self._gaps[width]
+        return np.zeros((self.strip_h, width), np.uint8)
+
+    def _run_pieces(self, face: int, text: str, x0: float) -> list[tuple[np.ndarray, int, int, np.ndarray | None]]:
+        """Bitmaps of one run (mask, x, y, strip) with integer offsets from the word's pen origin."""
         if _shaped(text):
-            mask, dx, dy = _rasterise(self.font(face), text)
-            return [(mask, round(x0) + dx, dy)]
+            mask, dx, dy, strip = self._stripped(*_rasterise(self.font(face), text))
+            return [(mask, round(x0) + dx, dy, strip)] if mask.size else []
         pens, _ = face_metrics(self.stack.fonts[face]).pens(text)
         glyph, size, pieces = self._glyph.get, self.size, []
         for ch, pen in zip(text, pens):
             g = glyph((face, ch)) or self._glyph_of(face, ch)
             if g[0].size:
-                pieces.append((g[0], round(x0 + pen * size) + g[1], g[2]))
+                pieces.append((g[0], round(x0 + pen * size) + g[1], g[2], g[3]))
         return pieces
 
     def image(self, word: str) -> WordImage:
@@ -234,13 +255,15 @@ class Typesetter:
         if got is not None:
             return got
         runs = self.runs(word)
-        if strong_direction(word) == "R":
-            runs = runs[::-1]  # runs of an RTL word are laid out right to left
-        pieces, x = [], 0.0
-        for face, text in runs:
-            pieces += self._run_pieces(face, text, x)
-            x += self._run_advance(face, text)
-        got = self._assemble(pieces, x)
+        got = self._simple_image(word) if len(runs) == 1 and not runs[0][0] and not _shaped(word) else None
+        if got is None:
+            if strong_direction(word) == "R":
+                runs = runs[::-1]  # runs of an RTL word are laid out right to left
+            pieces, x = [], 0.0
+            for face, text in runs:
+                pieces += self._run_pieces(face, text, x)
+                x += self._run_advance(face, text)
+            got = self._assemble(pieces, x)
         if self._img_bytes > WORD_CACHE_BYTES:
             self._img.clear()
             self._img_bytes = 0
@@ -248,25 +271,72 @@ class Typesetter:
         self._img_bytes += (got.mask.nbytes if got.strip is None else got.strip.nbytes) + 200
         return got
 
-    def _assemble(self, pieces: list[tuple[np.ndarray, int, int]], advance: float) -> WordImage:
-        """Union of positioned glyph bitmaps (overlaps keep the darker ink), built directly in strip
-        rows; the mask is a view of the strip. Ink taller than the strip gets a plain mask."""
+    def _simple_image(self, word: str) -> WordImage | None:
+        """The common case in one pass: a word of the primary face whose glyphs' ink never overlaps,
+        joined left to right with shared zero gaps by one ``np.concatenate``. None if it does not apply."""
+        m = face_metrics(self.stack.fonts[0])
+        pens, end = m.pens(word)
+        glyph, size, gaps = self._glyph.get, self.size, self._gaps
+        parts, x1, cursor, top, bottom = [], None, 0, 1 << 30, -(1 << 30)
+        for ch, pen in zip(word, pens):
+            mask, dx, dy, strip = glyph((0, ch)) or self._glyph_of(0, ch)
+            if not mask.size:
+                continue
+            if strip is None:
+                return None
+            x = round(pen * size) + dx
+            if x1 is None:
+                x1 = cursor = x
+            elif x < cursor:
+                return None
+            elif x > cursor:
+                parts.append(gaps[x - cursor] if x - cursor < len(gaps) else self._gap(x - cursor))
+            parts.append(strip)
+            cursor = x + mask.shape[1]
+            top, bottom = min(top, dy), max(bottom, dy + mask.shape[0])
+        if x1 is None:
+            return self._assemble([], end * size)
+        out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0].copy()
+        st = self.strip_top
+        return WordImage(out[top - st:bottom - st], x1, top, end * size, out, cursor - x1, bottom)
+
+    def _assemble(self, pieces: list, advance: float) -> WordImage:
+        """Union of positioned glyph bitmaps, built in strip rows (the mask is a view of the strip).
+
+        Glyphs whose ink starts right of the previous one's (nearly all) are joined by one
+        ``np.concatenate`` with shared zero gaps; the few that overlap (kerned or overhanging pairs)
+        are added afterwards with ``np.maximum``. Ink taller than the strip gets a plain mask.
+        """
         if not pieces:
-            return WordImage(np.zeros((0, 0), np.uint8), 0, 0, advance, np.zeros((self.strip_h, 0), np.uint8), 0)
-        x1, x2, y1, y2 = 1 << 30, -(1 << 30), 1 << 30, -(1 << 30)
-        for m, x, y in pieces:
+            return WordImage(np.zeros((0, 0), np.uint8), 0, 0, advance, np.zeros((self.strip_h, 0), np.uint8), 0, 0)
+        x1, x2, y1, y2, strips = 1 << 30, -(1 << 30), 1 << 30, -(1 << 30), True
+        for m, x, y, strip in pieces:
             h, w = m.shape
             x1, x2, y1, y2 = min(x1, x), max(x2, x + w), min(y1, y), max(y2, y + h)
+            strips = strips and strip is not None
         st = self.strip_top
-        tall = y1 < st or y2 > st + self.strip_h
-        top = y1 if tall else st
-        out = np.zeros((y2 - y1 if tall else self.strip_h, x2 - x1), np.uint8)
-        for m, x, y in pieces:
-            dst = out[y - top:y - top + m.shape[0], x - x1:x - x1 + m.shape[1]]
-            np.maximum(dst, m, out=dst)
-        if tall:
-            return WordImage(out, x1, y1, advance, None, x2 - x1)
-        return WordImage(out[y1 - st:y2 - st], x1, y1, advance, out, x2 - x1)
+        if not strips:
+            out = np.zeros((y2 - y1, x2 - x1), np.uint8)
+            for m, x, y, _ in pieces:
+                dst = out[y - y1:y - y1 + m.shape[0], x - x1:x - x1 + m.shape[1]]
+                np.maximum(dst, m, out=dst)
+            return WordImage(out, x1, y1, advance, None, x2 - x1, y2)
+        parts, late, cursor = [], [], x1
+        for m, x, y, strip in pieces:
+            if x >= cursor:
+                if x > cursor:
+                    parts.append(self._gap(x - cursor))
+                parts.append(strip)
+                cursor = x + m.shape[1]
+            else:
+                late.append((strip, x))
+        if x2 > cursor:
+            parts.append(self._gap(x2 - cursor))
+        out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0].copy()
+        for strip, x in late:
+            dst = out[:, x - x1:x - x1 + strip.shape[1]]
+            np.maximum(dst, strip, out=dst)
+        return WordImage(out[y1 - st:y2 - st], x1, y1, advance, out, x2 - x1, y2)
 
 
 @functools.lru_cache(maxsize=16)
@@ -274,7 +344,7 @@ def stack_for(family: str, bold: bool = False) -> FontStack:
     return FontStack(font_stack(family, bold))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def typesetter(family: str, size: int, bold: bool = False) -> Typesetter:
     """Shared per (family, size, bold): caches warm up once per process, which is what makes
     rendering thousands of small training pages with one font cheap."""
