@@ -242,12 +242,12 @@ def test_ray_stages_as_plain_functions(micro, tmp_path):
     assert [bool(r["error_type"]) for r in rows] == [False, False, False, True]
     assert Image.open(io.BytesIO(rows[1]["png"])).size == (200, 150)
 
-    actor = OCRActor("torch", str(micro), {"max_new_tokens": 5})
+    actor = OCRActor("torch", str(micro), {"max_new_tokens": 5, "dtype": "fp32"})
     batch = {k: [r[k] for r in rows] for k in rows[0]}
     out = actor(batch)
     assert set(out) == set(COLUMNS) and out["ok"] == [True, True, True, False]
     assert out["error_type"][3] == "ImageError"
-    direct = OCR(str(micro), max_new_tokens=5)
+    direct = OCR(str(micro), max_new_tokens=5, dtype="fp32")
     assert out["raw"][1] == direct(Image.open(io.BytesIO(rows[1]["png"]))).raw
     assert out["output_tokens"][:3] == [5, 5, 5] and out["vision_tokens"][0] == 16
 

@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     from optictx.serve.app import ServerSettings, create_app
 
     folder = random_model_dir(tmp_path_factory.mktemp("browser") / "micro")
-    app = create_app(make_engine("torch", str(folder)), ServerSettings(api_key=KEY, max_new_tokens=64))
+    app = create_app(make_engine("torch", str(folder), dtype="fp32"), ServerSettings(api_key=KEY, max_new_tokens=64))
     with RunningServer(app) as s:
         yield s
 

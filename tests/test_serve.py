@@ -119,7 +119,7 @@ def model_dir(tmp_path_factory) -> Path:
 def engine(model_dir):
     from optictx.backends import make_engine
 
-    return make_engine("torch", str(model_dir))
+    return make_engine("torch", str(model_dir), dtype="fp32")  # fp32 everywhere: batch == single holds exactly
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +314,19 @@ def test_rows_keep_their_own_budgets(engine):
         assert t.tokens.output == a.tokens.output and t.finish_reason == "length"
     assert [t.tokens.output for t in together] == [3, 11]
     assert together[1].raw.startswith(together[0].raw[:1])
+
+
+def test_mixed_modes_share_a_batch(engine):
+    """Rows in different modes (different slot counts, so left-padded prompts) decode as they would alone."""
+    from optictx.serve.batching import Work
+
+    img = page_image(31, (700, 500))
+    modes = ("nano", "tiny", "small")  # 21, 73 and 111 slots: three prompt lengths
+    alone = [engine.run([Work(engine.prepare(img, mode=m), 5)])[0] for m in modes]
+    together = engine.run([Work(engine.prepare(img, mode=m), 5) for m in modes])
+    assert [t.raw for t in together] == [a.raw for a in alone]
+    assert [t.tokens.decoder_slots for t in together] == [ocr_budget(700, 500, m).decoder_slots for m in modes]
+    assert [t.mode for t in together] == list(modes)
 
 
 def test_batcher_queue_is_all_or_nothing():
