@@ -13,6 +13,9 @@ activations of T tokens (batch 1, fp32, no grad, one thread by default) after a 
 Narrower attention (e.g. 4 heads × 64) makes dense SDPA cheaper while the indexer's O(T²/m) scoring and
 top-k stay, so the CSA speed-up shrinks there; pass ``--heads 4`` to see it.
 
+Times are CPU seconds of this process (``time.process_time``), which a shared machine inflates far less
+than wall time; the wall-clock ratio is printed next to each CPU ratio.
+
 KV bytes per token = ``KVCache.nbytes()`` after a cached prefill of T tokens, divided by T (window and
 unfinished blocks included). MLA: the cached numbers per token per layer of ``mla.MLA`` (measured the same
 way) against MHA with the same heads, and the V3 arithmetic (512 + 64 vs 128 heads × (192 + 128)).
@@ -53,11 +56,12 @@ def layers(cfg: PrimitivesConfig) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def prefill(layer: torch.nn.Module, x: torch.Tensor, cache: KVCache | None = None) -> float:
+def prefill(layer: torch.nn.Module, x: torch.Tensor, cache: KVCache | None = None) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one prefill."""
     pos = torch.arange(x.shape[1])[None]
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     layer(x, pos, cache, 0)
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def kv_bytes_per_token(layer: torch.nn.Module, x: torch.Tensor) -> float:
@@ -79,26 +83,31 @@ def main() -> None:
     for layer in mods.values():  # warm-up: allocator, kernels, rope tables
         prefill(layer.eval(), torch.randn(1, 512, cfg.hidden_size))
 
-    times: dict[str, dict[int, float]] = {name: {} for name in mods}
+    cpu: dict[str, dict[int, float]] = {name: {} for name in mods}
+    wall: dict[str, dict[int, float]] = {name: {} for name in mods}
     for t in args.lengths:
         x = torch.randn(1, t, cfg.hidden_size)
         for _ in range(args.repeat):  # interleaved, best of n: a busy shared machine only ever adds time
             for name, layer in mods.items():
-                times[name][t] = min(times[name].get(t, float("inf")), prefill(layer, x))
+                c, w = prefill(layer, x)
+                cpu[name][t] = min(cpu[name].get(t, float("inf")), c)
+                wall[name][t] = min(wall[name].get(t, float("inf")), w)
     t_kv = max(args.lengths)
     x = torch.randn(1, t_kv, cfg.hidden_size)
     kv = {name: kv_bytes_per_token(layer, x) for name, layer in mods.items()}
 
     dense = "dense SDPA (MHA)"
     print(f"attention prefill, batch 1, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads × "
-          f"{cfg.qk_nope_head_dim + cfg.qk_rope_head_dim}, fp32, {args.threads} thread(s), best of {args.repeat}")
-    head = f"{'layer':<18}" + "".join(f"{f'{t} tok s':>12}{'speed-up':>10}" for t in args.lengths)
+          f"{cfg.qk_nope_head_dim + cfg.qk_rope_head_dim}, fp32, {args.threads} thread(s), best of {args.repeat}; "
+          "CPU seconds (wall-clock speed-up in brackets)")
+    head = f"{'layer':<18}" + "".join(f"{f'{t} tok cpu s':>17}{'speed-up':>17}" for t in args.lengths)
     head += f"{f'KV B/tok @{t_kv}':>17}{'fewer':>8}"
     print(head)
     for name in mods:
         row = f"{name:<18}"
         for t in args.lengths:
-            row += f"{times[name][t]:>12.3f}{times[dense][t] / times[name][t]:>9.1f}×"
+            ratio = f"{cpu[dense][t] / cpu[name][t]:.1f}× ({wall[dense][t] / wall[name][t]:.1f}×)"
+            row += f"{cpu[name][t]:>17.3f}{ratio:>17}"
         row += f"{kv[name]:>17.1f}{kv[dense] / kv[name]:>7.1f}×"
         print(row)
 

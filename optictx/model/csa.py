@@ -36,7 +36,8 @@ from optictx.model.cache import KVCache
 from optictx.model.mla import apply_rope_interleaved, rope_angles
 
 MASKED = -1e30  # finite "minus infinity": a block with no real token pools to a finite (ignored) entry
-QUERY_CHUNK = 128  # queries per step; bounds memory at chunk × (window + chunk + top-k) per head
+QUERY_CHUNK = 64  # queries per attention step: keys per chunk = chunk + window - 1 (+ top-k gathered)
+INDEX_CHUNK = 128  # queries per indexer step: a [chunk·index heads, visible entries] score block
 
 
 def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rd: int, inverse: bool = False) -> torch.Tensor:
@@ -193,8 +194,8 @@ class LightningIndexer(nn.Module):
         q = rope_last(self.wq_b(qr).view(b, t, self.n_heads, self.head_dim), cos, sin, self.rope_dim)
         w = self.weights_proj(x).float() * self.scale  # [B, T, H_I]
         out = torch.full((b, t, k), -1, dtype=torch.long, device=x.device)
-        for s in range(0, t, QUERY_CHUNK):
-            e = min(t, s + QUERY_CHUNK)
+        for s in range(0, t, INDEX_CHUNK):
+            e = min(t, s + INDEX_CHUNK)
             n = vis.horizon(e)  # score only the prefix some query of the chunk can see
             if n == 0:
                 continue
@@ -227,6 +228,7 @@ def sparse_attention(
     """
     b, t, h, d = q.shape
     n_past = raw.shape[1] - t
+    q = q * scale  # scores come out scaled; the sink logit stays unscaled (as V4)
     flat = entries.reshape(-1, d) if entries is not None else None
     row_offset = torch.arange(b, device=q.device)[:, None, None] * (entries.shape[1] if entries is not None else 0)
     out = []
@@ -251,21 +253,24 @@ def sparse_attention(
             picked = entries[:, : vis.horizon(e)]
             sc = vis.hide_(torch.einsum("bchd,bnd->bchn", qc, picked).float(), s, e)
             parts.append((sc, picked, "bchn,bnd->bchd"))
-        out.append(_softmax_attend(parts, sink, scale, raw.dtype))
+        out.append(_softmax_attend(parts, sink, raw.dtype))
     return torch.cat(out, dim=1)
 
 
-def _softmax_attend(parts, sink: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """Σ_parts softmax(scale·scores ∪ {sink}) @ values, without concatenating the parts: one shared max,
-    one summed denominator; the sink logit (unscaled, as V4) only enlarges the denominator."""
+def _softmax_attend(parts, sink: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σ_parts softmax(scores ∪ {sink}) @ values, without concatenating the parts: one shared max, one
+    summed denominator; the sink only enlarges the denominator. In-place exp when no gradient is needed."""
     parts = [(sc, v, eq) for sc, v, eq in parts if sc.shape[-1]]
     m = sink.float().view(1, 1, -1).expand(parts[0][0].shape[:-1])
     for sc, _, _ in parts:
-        m = torch.maximum(m, sc.amax(-1) * scale)
+        m = torch.maximum(m, sc.amax(-1))
     denom = (sink.float().view(1, 1, -1) - m).exp()
     o = 0.0
     for sc, v, eq in parts:
-        p = torch.exp(sc * scale - m[..., None])  # out of place: amax above saved sc for backward
+        if torch.is_grad_enabled() and sc.requires_grad:
+            p = torch.exp(sc - m[..., None])  # amax above saved sc for backward
+        else:
+            p = sc.sub_(m[..., None]).exp_()
         denom = denom + p.sum(-1)
         o = o + torch.einsum(eq, p.to(dtype), v)
     return o / denom[..., None].to(dtype)
