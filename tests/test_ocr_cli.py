@@ -127,6 +127,12 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["ocr", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no images or PDFs" in capsys.readouterr().err
+    good = tmp_path / "a.png"
+    noise_image(50, 50, 0).save(good)
+    assert main(["ocr", str(good), "--out", str(tmp_path / "o"), "--mode", "huge"]) == 2
+    assert "unknown mode" in capsys.readouterr().err
+    assert main(["ocr", str(good), "--out", str(tmp_path / "o"), "--prompt", "Read it."]) == 2
+    assert "<image>" in capsys.readouterr().err
     with pytest.raises(SystemExit) as no_out:  # argparse: a missing required option
         main(["ocr", str(tmp_path)])
     assert no_out.value.code == 2

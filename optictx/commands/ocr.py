@@ -280,6 +280,17 @@ def _progress(quiet: bool):
                     console=Console(stderr=True), disable=quiet, transient=False)
 
 
+def _check_choices(args: argparse.Namespace) -> None:
+    """Reject a bad --mode or --prompt before spending seconds loading the model."""
+    from optictx.budget import get_mode
+    from optictx.prompts import prompt_text
+
+    if args.mode is not None:
+        get_mode(args.mode)
+    if args.prompt is not None:
+        prompt_text(args.prompt)
+
+
 def run(args: argparse.Namespace) -> int:
     from optictx.ocr import OCR
 
@@ -289,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     docs = discover(args.inputs)
+    _check_choices(args)
     out.mkdir(parents=True, exist_ok=True)
     ocr = OCR(args.model, mode=args.mode, prompt=args.prompt, device=args.device, dtype=args.dtype,
               max_new_tokens=args.max_new_tokens, ngram_size=args.ngram_size, window_size=args.window_size)
