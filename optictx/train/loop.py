@@ -73,6 +73,33 @@ def init_distributed() -> tuple[int, int]:
     return dist_info()
 
 
+def train_device() -> torch.device:
+    """The GPU of this rank under torchrun (LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested) batch; other values (texts, ragged CTC targets) stay as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def autocast(device: torch.device):
+    """bf16 autocast where it is fast (GPUs, CPUs with native bf16); a no-op on AVX2-only CPUs (fp32)."""
+    import contextlib
+
+    from optictx.device import pick_dtype
+
+    if pick_dtype(device) == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -110,6 +137,8 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, param_groups=Non
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + rank)
+    device = train_device()
+    model.to(device)
     groups = param_groups if param_groups is not None else default_param_groups(model, cfg.weight_decay)
     for g in groups:  # a group may ask for a multiple of the peak LR (e.g. the projector)
         g.setdefault("lr_scale", 1.0)
@@ -139,8 +168,9 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, param_groups=Non
         optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            batch = task.batch(step, micro, rank, world)
-            loss, parts = task.loss(net, batch, step)
+            batch = to_device(task.batch(step, micro, rank, world), device)
+            with autocast(device):
+                loss, parts = task.loss(net, batch, step)
             (loss / cfg.grad_accum).backward()
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum

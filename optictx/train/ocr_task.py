@@ -268,6 +268,7 @@ def ctc_loss(logp: torch.Tensor, targets: list[list[list[int]]]) -> torch.Tensor
     lengths = torch.tensor([len(c) for c in flat])
     concat = torch.tensor([c for cell in flat for c in cell] or [0], dtype=torch.long)
     frames = torch.full((n,), frames_n, dtype=torch.long)
+    concat, lengths, frames = concat.to(logp.device), lengths.to(logp.device), frames.to(logp.device)
     return F.ctc_loss(logp.float(), concat[: int(lengths.sum())] if lengths.sum() else concat[:0], frames, lengths,
                       blank=0, reduction="mean", zero_infinity=True)
 

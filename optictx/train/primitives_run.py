@@ -1,0 +1,255 @@
+"""Glue for ``optictx train --config configs/primitives-*.json``: the whole visual-primitives pipeline of
+lineage §5.3 as a list of recipe stages, each trained (or resumed) with the generic loop::
+
+    pretrain (boxes + points) ─┬─ sft_grounding ── grpo_grounding ─┐
+                               ├─ sft_pointing ─── grpo_pointing ──┼─ rft (from pretrain, on both experts'
+                               └─ sft_direct (ablation)            │   filtered rollouts) ── opd (both experts)
+
+A stage is ``{"name", "kind": "sft"|"grpo"|"rft"|"opd", "init": <earlier stage or null>, "tasks": {...},
+"modes": {...}, "scene"/"maze"/"path": {...overrides of recipe "data"}, "train": {...TrainConfig},
+"sft"/"grpo"/"opd": {...task config}}``. Each writes ``OUT/<name>/`` (checkpoints, metrics.csv, loss.png) and
+exports ``OUT/<name>/model`` (config.json, model.safetensors, tokenizer) when done; a finished stage is skipped
+on the next call, an unfinished one resumes from its last checkpoint. The BPE is trained once per run on
+prompts and answers of every stage's mixture. With ``"eval"`` in the recipe, every stage is evaluated on the
+same held-out sets at the end (``OUT/eval/stage_table.md``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optictx.errors import ConfigError
+from optictx.tokenizer import Tokenizer, train_bpe
+from optictx.train.loop import TrainConfig, init_distributed, train
+from optictx.train.primitives_task import (Mixture, PrimitivesSFTTask, SFTConfig, dataclass_from, load_model,
+                                           read_records, save_model, tokenizer_texts)
+
+KINDS = ("sft", "grpo", "rft", "opd")
+
+
+# ----------------------------------------------------------------------------- recipe pieces
+
+
+def stage_mixture(recipe: dict, stage: dict) -> Mixture:
+    """The stage's tasks/modes over the recipe's generator configs (stage keys override ``data``)."""
+    data = recipe.get("data", {})
+    tasks = stage.get("tasks")
+    if not tasks:
+        raise ConfigError(f"stage {stage.get('name')!r} needs a non-empty 'tasks' mixture")
+    kwargs: dict[str, Any] = {"tasks": tasks}
+    if "modes" in stage:
+        kwargs["modes"] = stage["modes"]
+    for part in ("scene", "maze", "path"):
+        kwargs[part] = {**data.get(part, {}), **stage.get(part, {})}
+    return Mixture(**kwargs)
+
+
+def check_recipe(recipe: dict) -> list[dict]:
+    """Validate the stage graph before any training starts (a typo must not waste hours)."""
+    stages = recipe.get("stages")
+    if not stages:
+        raise ConfigError("a primitives recipe needs a non-empty 'stages' list")
+    seen: set[str] = set()
+    for st in stages:
+        name, kind = st.get("name"), st.get("kind")
+        if not name or name in seen:
+            raise ConfigError(f"stage names must be unique and non-empty, got {name!r}")
+        if kind not in KINDS:
+            raise ConfigError(f"stage {name}: kind {kind!r} is not one of {KINDS}")
+        refs = [st.get("init")] + list(st.get("experts", [])) + [t.get("stage") for t in st.get("teachers", [])]
+        for ref in refs:
+            if ref is not None and ref not in seen:
+                raise ConfigError(f"stage {name} refers to {ref!r}, which is not an earlier stage")
+        if kind in ("grpo", "opd") and not st.get("init"):
+            raise ConfigError(f"stage {name}: {kind} starts from a trained stage ('init')")
+        if kind == "rft" and not st.get("experts"):
+            raise ConfigError(f"stage {name}: rft needs 'experts' (stages whose rollouts it trains on)")
+        if kind == "opd" and not st.get("teachers"):
+            raise ConfigError(f"stage {name}: opd needs 'teachers'")
+        stage_mixture(recipe, st)
+        seen.add(name)
+    return stages
+
+
+def build_tokenizer(recipe: dict, out: Path) -> Tokenizer:
+    """One BPE per run, trained on prompts and answers of every stage's mixture (kept in ``OUT/tokenizer``)."""
+    folder = out / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_pretrained(folder)
+    spec = recipe.get("tokenizer", {})
+    n, seed = spec.get("samples", 3000), spec.get("seed", 0)
+    stages = recipe["stages"]
+    texts: list[str] = []
+    for k, st in enumerate(stages):
+        texts += tokenizer_texts(stage_mixture(recipe, st), seed + k, max(1, n // len(stages)))
+    tok = train_bpe(texts, vocab_size=spec.get("vocab_size", 4096))
+    tok.save(folder)
+    return tok
+
+
+def model_config(recipe: dict, tok: Tokenizer):
+    from optictx.config import PrimitivesConfig, preset
+
+    cfg = preset(recipe.get("model", "primitives-tiny"))
+    if not isinstance(cfg, PrimitivesConfig):
+        raise ConfigError(f"model {recipe.get('model')!r} is not a primitives preset")
+    for key, value in recipe.get("model_overrides", {}).items():
+        if not hasattr(cfg, key):
+            raise ConfigError(f"model_overrides: PrimitivesConfig has no {key!r}")
+        setattr(cfg, key, tuple(value) if isinstance(value, list) else value)
+    cfg.vocab_size, cfg.image_token_id = tok.vocab_size, tok.image_token_id
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
+    return cfg
+
+
+def _fresh_or_init(recipe: dict, stage: dict, out: Path, tok: Tokenizer):
+    from optictx.model.reasoner import PrimitivesModel
+
+    if stage.get("init"):
+        model, _ = load_model(out / stage["init"] / "model")
+        return model.train()
+    torch.manual_seed(recipe.get("seed", 0))
+    return PrimitivesModel(model_config(recipe, tok))
+
+
+def _train_config(stage: dict, folder: Path) -> TrainConfig:
+    return dataclass_from(TrainConfig, {"out_dir": str(folder), **stage.get("train", {})}, f"{stage['name']}.train")
+
+
+def _data_seed(recipe: dict, index: int, stage: dict) -> int:
+    """Distinct sample streams per stage unless the recipe pins one."""
+    return int(stage.get("seed", recipe.get("seed", 0) * 1000 + 17 * (index + 1)))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _sft(recipe, stage, index, out, tok, folder):
+    model = _fresh_or_init(recipe, stage, out, tok)
+    cfg = dataclass_from(SFTConfig, {"seed": _data_seed(recipe, index, stage), **stage.get("sft", {})},
+                         f"{stage['name']}.sft")
+    records = read_records(folder / "records.jsonl") if stage["kind"] == "rft" else None
+    task = PrimitivesSFTTask(tok, model.config, stage_mixture(recipe, stage), cfg, records)
+    return model, task
+
+
+def _screen_pool(recipe, stage, index, out, tok, folder, expert: str, gcfg) -> list:
+    """The expert's rollouts over the stage's prompt pool (cached: screening is the expensive part)."""
+    from optictx.train.grpo import load_pool, save_pool, screen
+
+    path = folder / f"pool_{expert}.jsonl"
+    if path.is_file():
+        return load_pool(path)
+    model, _ = load_model(out / expert / "model")
+    mixture = stage_mixture(recipe, stage)
+    pool = screen(model, tok, mixture, _data_seed(recipe, index, stage), range(gcfg.pool_size),
+                  gcfg.screen_rollouts, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
+                  top_p=gcfg.top_p, sampling_seed=gcfg.seed)
+    save_pool(pool, path)
+    return pool
+
+
+def _grpo(recipe, stage, index, out, tok, folder):
+    from optictx.train.grpo import GRPOConfig, GRPOTask
+
+    gcfg = dataclass_from(GRPOConfig, stage.get("grpo", {}), f"{stage['name']}.grpo").validate()
+    pool = _screen_pool(recipe, stage, index, out, tok, folder, stage["init"], gcfg)
+    buckets = {b: sum(e.bucket == b for e in pool) for b in ("easy", "normal", "hard")}
+    print(f"[{stage['name']}] screened {len(pool)} prompts: {buckets}", flush=True)
+    if not buckets["normal"]:
+        return None, f"no normal prompt among {len(pool)} screened ({buckets})"
+    policy = _fresh_or_init(recipe, stage, out, tok)
+    reference, _ = load_model(out / stage["init"] / "model")
+    return policy, GRPOTask(tok, policy, reference, stage_mixture(recipe, stage), gcfg, pool)
+
+
+def _rft(recipe, stage, index, out, tok, folder):
+    from optictx.train.distill import rft_records
+    from optictx.train.grpo import GRPOConfig
+
+    gcfg = dataclass_from(GRPOConfig, stage.get("screen", {}), f"{stage['name']}.screen").validate()
+    records_path = folder / "records.jsonl"
+    if not records_path.is_file():
+        pools = [_screen_pool(recipe, stage, index, out, tok, folder, e, gcfg) for e in stage["experts"]]
+        records = rft_records(pools, stage.get("easy_fraction", 0.05), gcfg.seed, stage.get("per_prompt", 2))
+        records_path.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
+        print(f"[{stage['name']}] {len(records)} RFT records from {[len(p) for p in pools]} screened prompts",
+              flush=True)
+    if not read_records(records_path):
+        return None, "no expert rollout passed the RFT filter"
+    return _sft(recipe, stage, index, out, tok, folder)
+
+
+def _opd(recipe, stage, index, out, tok, folder):
+    from optictx.train.distill import OPDConfig, OPDTask, Teacher
+
+    cfg = dataclass_from(OPDConfig, {"seed": _data_seed(recipe, index, stage), **stage.get("opd", {})},
+                         f"{stage['name']}.opd")
+    teachers = []
+    for t in stage["teachers"]:
+        model, _ = load_model(out / t["stage"] / "model")
+        tasks = tuple(t["tasks"]) if t.get("tasks") else None
+        teachers.append(Teacher(t["stage"], model, float(t.get("weight", 1.0)), tasks))
+    student = _fresh_or_init(recipe, stage, out, tok)
+    return student, OPDTask(tok, student, teachers, stage_mixture(recipe, stage), cfg)
+
+
+BUILDERS = {"sft": _sft, "grpo": _grpo, "rft": _rft, "opd": _opd}
+
+
+def run_stage(recipe: dict, stage: dict, index: int, out: Path, tok: Tokenizer) -> dict:
+    folder = out / stage["name"]
+    done = folder / "model" / "config.json"
+    metrics_path = folder / "stage.json"
+    if done.is_file():
+        print(f"[{stage['name']}] already done", flush=True)
+        return json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    folder.mkdir(parents=True, exist_ok=True)
+    model, task = BUILDERS[stage["kind"]](recipe, stage, index, out, tok, folder)
+    if model is None:  # nothing to train on: honest skip or error, as the recipe asks
+        reason = task
+        if stage.get("on_empty", "error") != "skip":
+            raise ConfigError(f"stage {stage['name']}: {reason}; set \"on_empty\": \"skip\" to pass the init model "
+                              "through unchanged (smoke runs)")
+        print(f"[{stage['name']}] SKIPPED: {reason}; its model is a copy of {stage['init']}", flush=True)
+        shutil.copytree(out / stage["init"] / "model", folder / "model", dirs_exist_ok=True)
+        metrics = {"skipped": reason}
+    else:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"[{stage['name']}] {stage['kind']} from {stage.get('init') or 'scratch'}: {n / 1e6:.2f}M params",
+              flush=True)
+        metrics = train(model, task, _train_config(stage, folder))
+        save_model(model, tok, folder / "model", recipe.get("export_dtype", "float32"))
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = None) -> dict:
+    """Run (or resume) the recipe's stages in order, then the stage-table evaluation if the recipe has "eval".
+
+    ``stages`` restricts the run to those names (their inputs must already be done). Returns
+    {stage: last logged metrics} (+ "eval": {stage: metrics}).
+    """
+    out = Path(out)
+    all_stages = check_recipe(recipe)
+    _, world = init_distributed()
+    if world > 1:
+        raise ConfigError("the primitives pipeline runs in one process (rollouts are per process); drop torchrun")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    tok = build_tokenizer(recipe, out)
+    results: dict[str, Any] = {}
+    for index, stage in enumerate(all_stages):
+        if stages is not None and stage["name"] not in stages:
+            continue
+        results[stage["name"]] = run_stage(recipe, stage, index, out, tok)
+    if recipe.get("eval") is not None and stages is None:
+        from optictx.eval.primitives_eval import evaluate_primitives
+
+        results["eval"] = evaluate_primitives(out, out / "eval", recipe["eval"])
+        print((out / "eval" / "stage_table.md").read_text(encoding="utf-8"), flush=True)
+    return results
