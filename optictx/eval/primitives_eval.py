@@ -1,0 +1,249 @@
+"""Benchmarks of the visual-primitives models (issue 7; lineage §5.4, §7.4): held-out seeds, some unseen styles,
+one row per training stage so each stage's gain is visible, and the ablation without primitives.
+
+Metrics (greedy decoding, every number from the same held-out samples for every model):
+
+* ``counting_em``     exact match of the last ``\\boxed{}`` (hard negatives and zero counts included);
+* ``pointing_hit``    one-to-one point hit rate (a point inside a distinct target box) over images with targets;
+* ``grounding_ap50``  AP@0.5 over all grounding images (one class; a model's boxes carry no confidence, so
+                      each scores 1 and ties keep output order);
+* ``spatial_acc``     Yes/No accuracy (balanced);
+* ``maze_acc``        solvable/unsolvable ACC, balanced by construction (both twins of every pair), and per grid
+                      tier ``maze_acc_<tier>`` (tiers beyond the training sizes test generalisation);
+* ``path_acc``        ACC of the boxed end label;
+* ``*_unseen``        the same on styles never trained on (scenes: gradient + noise, outlines; mazes: dark
+                      paper, thick light walls; paths: dark paper, square markers);
+* ``*_direct``        the ablation: the same questions with "Answer directly." (no primitives in the reasoning);
+* ``uses_primitives_auto`` / ``direct_on_general``: without the trigger, how often the model cites primitives
+                      on questions that need them, and answers directly on questions that do not.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from optictx.data import mazes, paths, scenes
+from optictx.data.sample import DIRECT_SUFFIX, TRIGGER, Sample
+from optictx.errors import ConfigError
+from optictx.eval.metrics import average_precision_dataset, point_hit_rate
+from optictx.primitives import parse_primitives
+from optictx.rewards import answer_correct, check_syntax, score
+
+
+@dataclass
+class PrimitivesEvalConfig:
+    seed: int = 7_000_001  # held out: training stages draw from small seeds
+    counting: int = 100
+    pointing: int = 100
+    grounding: int = 100
+    spatial: int = 100
+    maze_pairs_per_tier: int = 50  # each pair gives one solvable and one unsolvable maze
+    maze_tiers: tuple[str, ...] = ("easy", "medium")
+    path: int = 100
+    unseen: int = 50  # per task (counting, maze pairs, path) in the unseen styles
+    general: int = 50
+    direct_ablation: bool = True
+    scene: dict = field(default_factory=dict)
+    maze: dict = field(default_factory=dict)
+    path_cfg: dict = field(default_factory=dict)
+    max_new_tokens: dict = field(default_factory=lambda: {"counting": 200, "pointing": 160, "grounding": 200,
+                                                          "spatial": 160, "maze": 900, "path": 200,
+                                                          "general": 32})
+    max_rows: int = 32
+
+    def validate(self) -> "PrimitivesEvalConfig":
+        bad = set(self.maze_tiers) - set(mazes.TIERS)
+        if bad:
+            raise ConfigError(f"unknown maze tiers {sorted(bad)}; expected some of {sorted(mazes.TIERS)}")
+        return self
+
+
+def _cfg(cls, values: dict, **extra):
+    from optictx.train.primitives_task import dataclass_from
+
+    return dataclass_from(cls, {**values, **extra}, cls.__name__).validate()
+
+
+def eval_sets(cfg: PrimitivesEvalConfig) -> dict[str, list[Sample]]:
+    """Every held-out set, by name; a pure function of the config."""
+    s = cfg.seed
+    scene, scene_u = _cfg(scenes.SceneConfig, cfg.scene), _cfg(scenes.SceneConfig, cfg.scene, style="unseen")
+    path, path_u = _cfg(paths.PathConfig, cfg.path_cfg), _cfg(paths.PathConfig, cfg.path_cfg, style="unseen")
+    sets = {
+        "counting": [scenes.counting(s, i, scene, "trigger") for i in range(cfg.counting)],
+        "pointing": [scenes.pointing(s, i, scene, "trigger") for i in range(cfg.pointing)],
+        "grounding": [scenes.grounding(s, i, scene, "trigger") for i in range(cfg.grounding)],
+        "spatial": [scenes.spatial(s, i, scene, "trigger") for i in range(cfg.spatial)],
+        "path": [paths.path(s, i, path, "trigger") for i in range(cfg.path)],
+        "counting_unseen": [scenes.counting(s + 1, i, scene_u, "trigger") for i in range(cfg.unseen)],
+        "path_unseen": [paths.path(s + 1, i, path_u, "trigger") for i in range(cfg.unseen)],
+        "counting_auto": [scenes.counting(s + 2, i, scene, "auto") for i in range(cfg.general)],
+        "general": [scenes.general(s, i, scene, "auto") for i in range(cfg.general)],
+    }
+    for tier in cfg.maze_tiers:
+        lo, hi = mazes.TIERS[tier]
+        mc = _cfg(mazes.MazeConfig, cfg.maze, sizes=tuple(range(lo, hi + 1)))
+        sets[f"maze_{tier}"] = [mazes.maze(s, i, mc, "trigger") for i in range(2 * cfg.maze_pairs_per_tier)]
+    lo, hi = mazes.TIERS[cfg.maze_tiers[0]]
+    mu = _cfg(mazes.MazeConfig, cfg.maze, sizes=tuple(range(lo, hi + 1)), style="unseen")
+    sets["maze_unseen"] = [mazes.maze(s + 1, i, mu, "trigger") for i in range(2 * cfg.unseen)]
+    return sets
+
+
+def _direct(sample: Sample) -> str:
+    """The ablation prompt: the same question, no trigger, "Answer directly."."""
+    return sample.prompt.removeprefix(TRIGGER) + DIRECT_SUFFIX
+
+
+def _acc(samples, texts) -> float:
+    return float(np.mean([answer_correct(s, t) for s, t in zip(samples, texts)])) if samples else float("nan")
+
+
+def _pointing_hit(samples, texts) -> float:
+    hits = []
+    for s, t in zip(samples, texts):
+        if not s.meta["boxes"]:
+            continue
+        pts = [c for p in parse_primitives(t) if p.kind == "point" for c in p.coords]
+        hits.append(point_hit_rate(pts, gt_boxes=s.meta["boxes"], one_to_one=True))
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def _ap50(samples, texts) -> float:
+    images = []
+    for s, t in zip(samples, texts):
+        boxes = [c for p in parse_primitives(t) if p.kind == "box" for c in p.coords]
+        images.append((boxes, [1.0] * len(boxes), s.meta["boxes"]))
+    return average_precision_dataset(images, iou_threshold=0.5)
+
+
+def _uses(texts) -> float:
+    return float(np.mean([check_syntax(t).spans > 0 for t in texts])) if texts else float("nan")
+
+
+def task_of(set_name: str) -> str:
+    return set_name.split("_")[0]
+
+
+def evaluate_model(model, tok, sets: Mapping[str, list[Sample]], cfg: PrimitivesEvalConfig,
+                   progress: bool = True) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Greedy outputs of one model on every set -> (metrics, outputs by set name)."""
+    from optictx.train.primitives_task import rollouts
+
+    def run(name: str, samples: list[Sample], prompts=None) -> list[str]:
+        if progress:
+            print(f"  {name}: {len(samples)} samples", flush=True)
+        limit = cfg.max_new_tokens.get(task_of(name), 256)
+        outs = rollouts(model, tok, samples, 1, max_new_tokens=limit, max_rows=cfg.max_rows, prompts=prompts)
+        return [o.texts[0] for o in outs]
+
+    texts = {name: run(name, samples) for name, samples in sets.items() if samples}
+    m: dict[str, float] = {}
+    get = lambda n: (sets.get(n, []), texts.get(n, []))  # noqa: E731
+    m["counting_em"] = _acc(*get("counting"))
+    m["counting_em_unseen"] = _acc(*get("counting_unseen"))
+    m["pointing_hit"] = _pointing_hit(*get("pointing"))
+    m["grounding_ap50"] = _ap50(*get("grounding"))
+    m["spatial_acc"] = _acc(*get("spatial"))
+    m["path_acc"] = _acc(*get("path"))
+    m["path_acc_unseen"] = _acc(*get("path_unseen"))
+    maze_names = [n for n in sets if n.startswith("maze_") and n != "maze_unseen"]
+    for n in maze_names:
+        m[f"maze_acc_{n[5:]}"] = _acc(*get(n))
+    all_maze = [(s, t) for n in maze_names for s, t in zip(*get(n))]
+    m["maze_acc"] = _acc(*zip(*all_maze)) if all_maze else float("nan")
+    m["maze_acc_unseen"] = _acc(*get("maze_unseen"))
+    m["uses_primitives_auto"] = _uses(texts.get("counting_auto", []))
+    m["direct_on_general"] = 1.0 - _uses(texts.get("general", [])) if texts.get("general") else float("nan")
+    m["general_acc"] = _acc(*get("general"))
+    m["mean_reward"] = float(np.mean([score(s, t).total for n, ss in sets.items() if n in texts
+                                      for s, t in zip(ss, texts[n])]))
+    if cfg.direct_ablation:
+        for name in ("counting", "spatial", "path", *maze_names):
+            samples = sets.get(name, [])
+            if samples:
+                out = run(f"{name}_direct", samples, [_direct(s) for s in samples])
+                texts[f"{name}_direct"] = out
+                key = {"counting": "counting_em_direct", "spatial": "spatial_acc_direct",
+                       "path": "path_acc_direct"}.get(name, f"maze_acc_{name[5:]}_direct")
+                m[key] = _acc(samples, out)
+        direct_maze = [(s, t) for n in maze_names for s, t in zip(sets[n], texts[f"{n}_direct"])]
+        if direct_maze:
+            m["maze_acc_direct"] = _acc(*zip(*direct_maze))
+    return m, texts
+
+
+def stage_table(results: Mapping[str, Mapping[str, float]], columns: list[str] | None = None) -> str:
+    """Markdown table: one row per model/stage, one column per metric (percentages)."""
+    cols = columns or ["counting_em", "pointing_hit", "grounding_ap50", "spatial_acc", "maze_acc", "path_acc",
+                       "counting_em_unseen", "maze_acc_unseen", "path_acc_unseen", "counting_em_direct",
+                       "maze_acc_direct", "path_acc_direct", "uses_primitives_auto", "direct_on_general"]
+    cols = [c for c in cols if any(c in r for r in results.values())]
+    fmt = lambda v: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| stage | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for name, r in results.items()]
+    return "\n".join(lines)
+
+
+def stage_models(run_dir: str | Path) -> dict[str, Path]:
+    """The exported model of every finished stage of a ``run_primitives`` folder, in recipe order."""
+    run_dir = Path(run_dir)
+    recipe_path = run_dir / "recipe.json"
+    if not recipe_path.is_file():
+        raise ConfigError(f"{run_dir} has no recipe.json; is it a primitives run folder?")
+    recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+    found = {}
+    for stage in recipe.get("stages", []):
+        folder = run_dir / stage["name"] / "model"
+        if (folder / "config.json").is_file():
+            found[stage["name"]] = folder
+    return found
+
+
+def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str | Path | None = None,
+                        cfg: PrimitivesEvalConfig | dict | None = None, progress: bool = True,
+                        device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Evaluate one model folder, a {name: folder} mapping, or every stage of a run folder (a stage table).
+
+    Writes ``primitives_eval.json``, ``stage_table.md`` and the raw outputs (``outputs/<model>.jsonl``) to
+    ``out`` when given. Returns {model name: metrics}.
+    """
+    from optictx.train.primitives_task import load_model
+
+    if isinstance(cfg, dict):
+        from optictx.train.primitives_task import dataclass_from
+
+        cfg = dataclass_from(PrimitivesEvalConfig, cfg, "eval")
+    cfg = (cfg or PrimitivesEvalConfig()).validate()
+    if isinstance(models, (str, Path)):
+        path = Path(models)
+        models = stage_models(path) if (path / "recipe.json").is_file() else {path.name: path}
+    if not models:
+        raise ConfigError("no model to evaluate (no finished stage in the run folder?)")
+    sets = eval_sets(cfg)
+    results: dict[str, dict[str, float]] = {}
+    out_dir = Path(out) if out is not None else None
+    for name, folder in models.items():
+        if progress:
+            print(f"evaluating {name} ({folder})", flush=True)
+        model, tok = load_model(folder, device=device)
+        metrics, texts = evaluate_model(model, tok, sets, cfg, progress)
+        results[name] = metrics
+        if out_dir is not None:
+            (out_dir / "outputs").mkdir(parents=True, exist_ok=True)
+            with open(out_dir / "outputs" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for set_name, outs in texts.items():
+                    base = set_name.removesuffix("_direct")
+                    for s, t in zip(sets[base], outs):
+                        f.write(json.dumps({"set": set_name, "task": s.task, "seed": s.seed, "index": s.index,
+                                            "answer": s.answer, "output": t}, ensure_ascii=False) + "\n")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "primitives_eval.json").write_text(
+            json.dumps({"config": asdict(cfg), "results": results}, indent=2) + "\n", encoding="utf-8")
+        (out_dir / "stage_table.md").write_text(stage_table(results) + "\n", encoding="utf-8")
+    return results

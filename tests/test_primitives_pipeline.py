@@ -1,0 +1,120 @@
+"""The primitives pipeline glue: recipe validation, mixtures, model folders, the stage table, `optictx reason`,
+and (slow) the whole smoke recipe end to end."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from optictx.cli import main
+from optictx.config import primitives_tiny
+from optictx.data import mazes
+from optictx.errors import ConfigError
+from optictx.eval.primitives_eval import stage_table
+from optictx.model.reasoner import PrimitivesModel
+from optictx.tokenizer import train_bpe
+from optictx.train.primitives_run import check_recipe
+from optictx.train.primitives_task import Mixture, load_model, prompt_ids, save_model, tokenizer_texts
+
+STAGE = {"name": "a", "kind": "sft", "init": None, "tasks": {"counting": 1}}
+
+
+def test_recipe_checks_catch_mistakes_before_training():
+    check_recipe({"stages": [STAGE]})
+    bad = [
+        [],
+        [STAGE | {"kind": "dpo"}],
+        [STAGE, STAGE],
+        [STAGE | {"init": "later"}],
+        [STAGE, {"name": "g", "kind": "grpo", "tasks": {"counting": 1}}],  # GRPO from nothing
+        [STAGE, {"name": "r", "kind": "rft", "init": "a", "tasks": {"counting": 1}}],  # no experts
+        [STAGE, {"name": "o", "kind": "opd", "init": "a", "tasks": {"counting": 1}}],  # no teachers
+        [STAGE | {"tasks": {"knitting": 1}}],
+        [STAGE | {"scene": {"side": 100}}],
+    ]
+    for stages in bad:
+        with pytest.raises(ConfigError):
+            check_recipe({"stages": stages})
+    for f in ("configs/primitives-smoke.json", "configs/primitives-tiny.json"):
+        check_recipe(json.load(open(f)))
+
+
+def test_mixture_draws_are_deterministic_and_follow_the_weights():
+    mix = Mixture({"counting": 3, "general": 1}, modes={"trigger": 1, "auto": 1})
+    draws = [mix.draw(0, i) for i in range(400)]
+    assert draws == [mix.draw(0, i) for i in range(400)]
+    share = sum(t == "counting" for t, _ in draws) / 400
+    assert 0.68 <= share <= 0.82
+    assert {m for _, m in draws} == {"trigger", "auto"}
+    per_task = Mixture({"counting": 1, "maze": 1}, modes={"counting": {"direct": 1}, "maze": {"trigger": 1}})
+    assert all((t, m) in {("counting", "direct"), ("maze", "trigger")} for t, m in
+               (per_task.draw(1, i) for i in range(50)))
+    with pytest.raises(ConfigError):
+        Mixture({"counting": 1}, modes={"shouting": 1})
+
+
+@pytest.fixture(scope="module")
+def micro_folder(tmp_path_factory):
+    mixture = Mixture({"maze": 1, "general": 1})
+    tok = train_bpe(tokenizer_texts(mixture, 0, 40), vocab_size=300)
+    cfg = dataclasses.replace(
+        primitives_tiny(), vision_width=32, vision_layers=1, vision_heads=2, vocab_size=tok.vocab_size,
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
+        num_experts_per_tok=2, compress_ratios=(0, 4), sliding_window=16, index_n_heads=2, index_head_dim=8,
+        index_topk=4, image_token_id=tok.image_token_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("micro") / "model"
+    model = PrimitivesModel(cfg)
+    save_model(model, tok, folder)
+    return folder, model, tok
+
+
+def test_model_folder_round_trip(micro_folder):
+    folder, model, tok = micro_folder
+    loaded, tok2 = load_model(folder)
+    assert tok2.vocab_size == tok.vocab_size and loaded.config == model.config
+    ids = torch.tensor([prompt_ids(tok, 36, "hello")])
+    pix = [torch.randn(3, 252, 252)]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pix).logits, model.eval()(input_ids=ids,
+                                                                                          pixel_values=pix).logits)
+
+
+def test_reason_streams_draws_and_reports_kv_entries(micro_folder, tmp_path, capsys):
+    folder, model, tok = micro_folder
+    image = tmp_path / "maze.png"
+    mazes.maze(0, 0, mazes.MazeConfig(sizes=(5,))).image.save(image)  # 252 px: 6x6 = 36 tokens
+    out = tmp_path / "drawn.png"
+    code = main(["reason", str(image), "Is there a way?", "--model", str(folder), "--max-new-tokens", "6",
+                 "--out", str(out), "--json"])
+    assert code == 0 and out.is_file()
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["kv"]["image_tokens"] == 36 and record["kv"]["layers"] == [["window", 16], ["CSA", 9]]
+    assert record["annotated"] == str(out)
+    code = main(["reason", str(image), "q", "--model", str(tmp_path / "nowhere")])
+    assert code != 0 and "no primitives model" in capsys.readouterr().err
+
+
+def test_stage_table_formats_percentages_and_gaps():
+    table = stage_table({"sft": {"counting_em": 0.5, "maze_acc": float("nan")}, "grpo": {"counting_em": 0.625}})
+    lines = table.splitlines()
+    assert lines[0] == "| stage | counting_em | maze_acc |"
+    assert lines[2] == "| sft | 50.0 | – |" and lines[3] == "| grpo | 62.5 | – |"
+
+
+@pytest.mark.slow
+def test_smoke_recipe_runs_every_stage_and_the_stage_table(tmp_path):
+    from optictx.train.primitives_run import run_primitives
+
+    recipe = json.load(open("configs/primitives-smoke.json"))
+    results = run_primitives(recipe, tmp_path)
+    names = [s["name"] for s in recipe["stages"]]
+    assert all((tmp_path / n / "model" / "config.json").is_file() for n in names)
+    assert set(results["eval"]) == set(names)
+    assert all(np.isfinite(results["eval"][n]["mean_reward"]) for n in names)
+    assert (tmp_path / "eval" / "stage_table.md").is_file()
+    again = run_primitives(recipe, tmp_path)  # every stage is done: nothing retrains
+    assert set(again) >= set(names)
