@@ -40,6 +40,13 @@ GENERATORS: dict[str, str] = {
 TASKS = tuple(GENERATORS)
 
 
+def default_tasks() -> tuple[str, ...]:
+    """Every task whose dependencies are installed (chemistry needs the optional RDKit)."""
+    import importlib.util
+
+    return tuple(t for t in TASKS if t != "chemistry" or importlib.util.find_spec("rdkit") is not None)
+
+
 @dataclass
 class OCRSample:
     """One training example: the image, the prompt, the target the model writes, and its token accounting.
@@ -130,19 +137,19 @@ def _dist_rank_world() -> tuple[int, int]:
 class OCRDataset(IterableDataset):
     """Samples of a task mixture, rendered on the fly in DataLoader worker processes.
 
-    ``tasks``: a task name, a list (equal weights) or ``{task: weight}``; ``"pdf"`` reads pairs exported by
-    ``optictx data pdf`` from ``pdf_dir``. Index ``i`` draws its task from ``(seed, i)``, then the task's
-    generator makes the sample from ``(seed, i)``: a fixed seed is a fixed dataset. ``start``/``stop``
-    bound the global indices (``stop=None``: endless); ``rank``/``world_size`` default to torch.distributed.
-    ``configs`` maps a task to its config dataclass.
+    ``tasks``: a task name, a list (equal weights) or ``{task: weight}`` (None: :func:`default_tasks`);
+    ``"pdf"`` reads pairs exported by ``optictx data pdf`` from ``pdf_dir``. Index ``i`` draws its task from
+    ``(seed, i)``, then the task's generator makes the sample from ``(seed, i)``: a fixed seed is a fixed
+    dataset. ``start``/``stop`` bound the global indices (``stop=None``: endless); ``rank``/``world_size``
+    default to torch.distributed. ``configs`` maps a task to its config dataclass.
     """
 
-    def __init__(self, tasks: Mapping[str, float] | Sequence[str] | str = TASKS, seed: int = 0, start: int = 0,
+    def __init__(self, tasks: Mapping[str, float] | Sequence[str] | str | None = None, seed: int = 0, start: int = 0,
                  stop: int | None = None, mode: str = DEFAULT_MODE, *, rank: int | None = None,
                  world_size: int | None = None, configs: Mapping[str, Any] | None = None,
                  pdf_dir: str | None = None):
         super().__init__()
-        self.weights = _weights(tasks)
+        self.weights = _weights(default_tasks() if tasks is None else tasks)
         unknown = [t for t in self.weights if t not in GENERATORS and t != "pdf"]
         if unknown:
             raise ConfigError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)} or 'pdf'")
