@@ -84,8 +84,8 @@ def attention_bias_mask(
     may always see itself, so a padding query never has an all-False row (which would give NaN).
     """
     past = t_kv - t_q
-    if attention_mask is None and past == 0:
-        return None  # SDPA's is_causal fast path
+    if attention_mask is None and (past == 0 or t_q == 1):
+        return None  # SDPA's is_causal fast path; a single newest query sees every key anyway
     q_pos = torch.arange(past, t_kv, device=device)[:, None]
     k_pos = torch.arange(t_kv, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]
