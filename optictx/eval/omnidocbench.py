@@ -239,7 +239,8 @@ def split_prediction(markdown: str) -> list[PredBlock]:
     blocks: list[PredBlock] = []
     # code first, so a table or formula inside a code block stays code; its text is scored as text
     for m in _CODE.finditer(md):
-        blocks.append(PredBlock("text", m.group(1).strip(), m.start()))
+        if m.group(1).strip():
+            blocks.append(PredBlock("text", m.group(1).strip(), m.start()))
         md = _blank(md, m.start(), m.end())
     md = _WRAPPER_FENCE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), md)
     md = re.sub(r"_{5,}", lambda m: "____" + " " * (len(m.group(0)) - 4), md)
