@@ -7,6 +7,7 @@ that :mod:`optictx.budget` predicts (tests hold them equal for every mode).
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise ImageError(f"{name} is too large to decode safely (decompression-bomb guard: {e})") from e
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
             raise ImageError(f"{name} is corrupt or truncated: {e}") from e
 
 
