@@ -7,9 +7,9 @@ never raises.
 * **Format** (rule-based, 0-1, paper): primitive syntax — every ``<|ref|>…<|/ref|><|box|>[[x1,y1,x2,y2],…]<|/box|>``
   and ``<|point|>[[x,y],…]<|/point|>`` well formed, integers 0-999, boxes non-degenerate and ordered left to
   right; one final ``\\boxed{}`` when the task has an answer (grounding/pointing: a box/point list or a
-  refusal); primitives present when the trigger asks for them and absent when asked to answer directly. The mean of those checks is multiplied by
-  ``1 - duplicate fraction``: the paper's penalty for redundancy such as duplicate boxes, which stops a
-  model from looping on box generation.
+  refusal); primitives present when the trigger asks for them and absent when asked to answer directly.
+  The mean of those checks is multiplied by ``1 - duplicate fraction``: the paper's penalty for redundancy
+  such as duplicate boxes, which stops a model from looping on box generation.
 * **Quality** ({0, 0.5, 1}, paper: an LLM judge; here a rule proxy with the same five concerns, plus "no
   answer at all"): redundancy
   (a primitive span repeated 3+ times), thinking/answer consistency (number of cited instances = boxed

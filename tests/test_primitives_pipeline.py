@@ -113,8 +113,44 @@ def test_smoke_recipe_runs_every_stage_and_the_stage_table(tmp_path):
     results = run_primitives(recipe, tmp_path)
     names = [s["name"] for s in recipe["stages"]]
     assert all((tmp_path / n / "model" / "config.json").is_file() for n in names)
-    assert set(results["eval"]) == set(names)
-    assert all(np.isfinite(results["eval"][n]["mean_reward"]) for n in names)
+    assert set(results["eval"]) == set(recipe["eval"]["stages"])
+    assert all(np.isfinite(r["mean_reward"]) for r in results["eval"].values())
     assert (tmp_path / "eval" / "stage_table.md").is_file()
     again = run_primitives(recipe, tmp_path)  # every stage is done: nothing retrains
     assert set(again) >= set(names)
+
+
+def test_grpo_rft_and_opd_stages_run_from_cached_screening_pools(tmp_path):
+    """A random model has no normal prompt, so the pools the stages would screen are written by hand."""
+    from optictx.train.grpo import PoolEntry, save_pool
+    from optictx.train.primitives_run import _data_seed, run_primitives
+
+    smoke = json.load(open("configs/primitives-smoke.json"))
+    one = {"max_steps": 1, "warmup_steps": 1, "eval_every": 100, "log_every": 1}
+    tasks = {"counting": 1, "general": 1}
+    stages = [
+        {"name": "base", "kind": "sft", "init": None, "tasks": tasks, "train": one,
+         "sft": {"batch_size": 2, "eval_samples": 2, "eval_decode": 1, "max_new_tokens": 4}},
+        {"name": "expert", "kind": "grpo", "init": "base", "tasks": tasks, "train": one,
+         "grpo": {"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 4, "pool_size": 2,
+                  "screen_rollouts": 2, "eval_samples": 1}},
+        {"name": "unified", "kind": "rft", "init": "base", "experts": ["expert"], "tasks": tasks, "train": one,
+         "screen": {"pool_size": 2, "screen_rollouts": 2}, "easy_fraction": 0.0,
+         "sft": {"batch_size": 2, "eval_samples": 2, "eval_decode": 0}},
+        {"name": "student", "kind": "opd", "init": "unified", "teachers": [{"stage": "expert"}], "tasks": tasks,
+         "train": one, "opd": {"prompts_per_step": 1, "rollouts_per_prompt": 2, "max_new_tokens": 4,
+                               "eval_samples": 1}},
+    ]
+    recipe = {k: smoke[k] for k in ("model", "model_overrides", "tokenizer", "data")} | {"stages": stages}
+    for name, index, expert in (("expert", 1, "base"), ("unified", 2, "expert")):
+        seed = _data_seed(recipe, index, stages[index])
+        pool = [PoolEntry("counting", seed, 0, "trigger", ["\\boxed{1}", "\\boxed{2}"], [True, False], [1.0, 0.0]),
+                PoolEntry("general", seed, 1, "auto", ["\\boxed{3}", "\\boxed{3}"], [True, True], [1.0, 1.0])]
+        (tmp_path / name).mkdir(parents=True)
+        save_pool(pool, tmp_path / name / f"pool_{expert}.jsonl")
+    results = run_primitives(recipe, tmp_path)
+    assert all((tmp_path / s["name"] / "model" / "config.json").is_file() for s in stages)
+    assert "skipped" not in json.dumps(results)
+    assert results["expert"]["step"] == 1 and "kl" in results["expert"]
+    records = (tmp_path / "unified" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(r)["text"] for r in records] == ["\\boxed{1}"]  # the normal prompt's correct rollout only

@@ -163,3 +163,12 @@ def test_any_string_is_scored_without_raising(text):
     for s in (_counting(), mazes.maze(0, 1), paths.path(0, 1), scenes.spatial(0, 1), scenes.grounding(0, 0)):
         r = rewards.score(s, text)
         assert 0 <= r.format <= 1 and r.quality in (0.0, 0.5, 1.0) and 0 <= r.accuracy <= 1
+
+
+def test_empty_or_garbage_answers_lose_format_and_quality():
+    r = rewards.score(_counting(), "the the the")
+    assert r.parts["format_boxed"] == 0.0 and r.parts["format_uses_primitives"] == 0.0
+    assert r.format == pytest.approx(1 / 3) and r.quality == 0.5 and r.issues == ["no final answer"]
+    g = scenes.grounding(0, 0)
+    r = rewards.score(g, "blah")
+    assert r.parts["format_answer_form"] == 0.0 and r.format == 0.5 and r.quality == 0.5 and r.accuracy == 0.0

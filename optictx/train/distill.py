@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -91,7 +91,6 @@ class OPDConfig:
     max_len: int = 1024
     eval_samples: int = 16
     eval_seed: int = 1_000_003
-    teachers: list[dict] = field(default_factory=list)  # recipe form: {"stage", "weight", "tasks"}
 
 
 def teacher_weights(teachers: Sequence[Teacher], tasks: Sequence[str]) -> torch.Tensor:

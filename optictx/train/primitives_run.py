@@ -10,8 +10,8 @@ A stage is ``{"name", "kind": "sft"|"grpo"|"rft"|"opd", "init": <earlier stage o
 "sft"/"grpo"/"opd": {...task config}}``. Each writes ``OUT/<name>/`` (checkpoints, metrics.csv, loss.png) and
 exports ``OUT/<name>/model`` (config.json, model.safetensors, tokenizer) when done; a finished stage is skipped
 on the next call, an unfinished one resumes from its last checkpoint. The BPE is trained once per run on
-prompts and answers of every stage's mixture. With ``"eval"`` in the recipe, every stage is evaluated on the
-same held-out sets at the end (``OUT/eval/stage_table.md``).
+prompts and answers of every stage's mixture. With ``"eval"`` in the recipe, every stage (or the ``"stages"``
+listed there) is evaluated on the same held-out sets at the end (``OUT/eval/stage_table.md``).
 """
 from __future__ import annotations
 
@@ -248,8 +248,12 @@ def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = Non
             continue
         results[stage["name"]] = run_stage(recipe, stage, index, out, tok)
     if recipe.get("eval") is not None and stages is None:
-        from optictx.eval.primitives_eval import evaluate_primitives
+        from optictx.eval.primitives_eval import evaluate_primitives, stage_models
 
-        results["eval"] = evaluate_primitives(out, out / "eval", recipe["eval"])
+        spec = dict(recipe["eval"])
+        models = stage_models(out)
+        if "stages" in spec:  # evaluate only these stages (smoke runs)
+            models = {n: models[n] for n in spec.pop("stages")}
+        results["eval"] = evaluate_primitives(models, out / "eval", spec)
         print((out / "eval" / "stage_table.md").read_text(encoding="utf-8"), flush=True)
     return results
