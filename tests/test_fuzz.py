@@ -7,6 +7,7 @@ Examples are kept small so the file runs in seconds; ``OPTICTX_FUZZ_SCALE=50`` f
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -360,3 +361,32 @@ def test_render_keeps_every_character_or_refuses(text):
     assert squash("".join(p.text for p in pages)) == squash(text.replace("\t", " "))
     assume(pages)
     assert all(p.image.size == (320, 200) for p in pages)
+
+
+# --------------------------------------------------------------------------- the atheris target stays runnable
+@functools.lru_cache(maxsize=1)
+def _atheris_target():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "fuzz" / "atheris_grounding.py"
+    spec = importlib.util.spec_from_file_location("atheris_grounding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@FAST
+@given(soup)
+def test_atheris_invariants_hold_on_random_output(text):
+    _atheris_target().check_one(text)
+
+
+def test_atheris_seeds_pass_and_are_written(tmp_path):
+    target = _atheris_target()
+    for s in target.seeds():
+        target.check_one(s)
+    target.main(["atheris_grounding.py", "--seeds", str(tmp_path)])
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == len(target.seeds())
+    assert files[0].read_bytes()[1:].decode("utf-16-le") == target.seeds()[0]
+
