@@ -154,3 +154,22 @@ def test_grpo_rft_and_opd_stages_run_from_cached_screening_pools(tmp_path):
     assert results["expert"]["step"] == 1 and "kl" in results["expert"]
     records = (tmp_path / "unified" / "records.jsonl").read_text().splitlines()
     assert [json.loads(r)["text"] for r in records] == ["\\boxed{1}"]  # the normal prompt's correct rollout only
+
+
+def test_export_stage_writes_a_bf16_folder_that_loads(micro_folder, tmp_path):
+    from optictx.train.primitives_run import export_stage
+
+    folder, model, tok = micro_folder
+    run = tmp_path / "run"
+    (run / "opd").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(folder, run / "opd" / "model")
+    dest = export_stage(run, "opd", tmp_path / "ship")
+    from safetensors import safe_open
+
+    with safe_open(str(dest / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    loaded, _ = load_model(dest)
+    assert torch.allclose(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16).float())
+    assert json.loads((dest / "training.json").read_text())["stage"] == "opd"

@@ -228,14 +228,22 @@ def run_stage(recipe: dict, stage: dict, index: int, out: Path, tok: Tokenizer) 
     return metrics
 
 
-def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = None) -> dict:
+def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = None,
+                   max_steps: int | None = None) -> dict:
     """Run (or resume) the recipe's stages in order, then the stage-table evaluation if the recipe has "eval".
 
-    ``stages`` restricts the run to those names (their inputs must already be done). Returns
-    {stage: last logged metrics} (+ "eval": {stage: metrics}).
+    ``stages`` restricts the run to those names (their inputs must already be done); ``max_steps`` caps every
+    stage's ``train.max_steps`` (quick trials of a long recipe). Returns {stage: last logged metrics}
+    (+ "eval": {stage: metrics}).
     """
     out = Path(out)
     all_stages = check_recipe(recipe)
+    if max_steps is not None:
+        recipe = json.loads(json.dumps(recipe))
+        for st in recipe["stages"]:
+            train_cfg = st.setdefault("train", {})
+            train_cfg["max_steps"] = min(int(train_cfg.get("max_steps", max_steps)), max_steps)
+        all_stages = recipe["stages"]
     _, world = init_distributed()
     if world > 1:
         raise ConfigError("the primitives pipeline runs in one process (rollouts are per process); drop torchrun")
@@ -257,3 +265,16 @@ def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = Non
         results["eval"] = evaluate_primitives(models, out / "eval", spec)
         print((out / "eval" / "stage_table.md").read_text(encoding="utf-8"), flush=True)
     return results
+
+
+def export_stage(run_dir: str | Path, stage: str, dest: str | Path, dtype: str = "bfloat16") -> Path:
+    """A finished stage's model -> a shippable folder (e.g. ``optictx/weights/primitives-tiny``, bf16)."""
+    src = Path(run_dir) / stage / "model"
+    model, tok = load_model(src)
+    dest = save_model(model, tok, dest, dtype)
+    recipe_path = Path(run_dir) / "recipe.json"
+    info = {"stage": stage, "run": str(run_dir)}
+    if recipe_path.is_file():
+        info["recipe"] = json.loads(recipe_path.read_text(encoding="utf-8"))
+    (dest / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return dest
