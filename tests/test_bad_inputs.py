@@ -261,6 +261,8 @@ CASES: list[Case] = [
          ("notes.png", "not an image")),
     Case("image: SVG (unsupported format)", value(lambda: b"<svg xmlns='http://www.w3.org/2000/svg'/>", load_image),
          E.ImageError, ("not an image", "unsupported format")),
+    Case("image: animated GIF cut inside a frame", file("cut.gif", lambda: bad.animated_gif()[:-40], load_image),
+         E.ImageError, ("corrupt or truncated",)),
     Case("image: PNG header 0xN", file("0x10.png", bad.png_zero_size(0, 10), load_image), E.ImageError,
          ("corrupt",)),
     Case("image: PNG header Nx0", file("10x0.png", bad.png_zero_size(10, 0), load_image), E.ImageError,
@@ -286,17 +288,19 @@ CASES: list[Case] = [
         check=views_match_budget((100_000, 1), (9, 1))),
     Case("image: CMYK JPEG -> RGB", file("cmyk.jpg", bad.cmyk_jpeg, load_image), None,
          check=pixel((3, 3), (255, 0, 255), tol=3)),
-    Case("image: 16-bit greyscale scaled, not clipped", file("g16.png", bad.gray16_png, load_image), None,
+    Case("image: 16-bit greyscale -> scaled to 8 bits, not clipped", file("g16.png", bad.gray16_png, load_image), None,
          check=lambda im: equals([(0,) * 3, (128,) * 3, (255,) * 3])([im.getpixel((x, 0)) for x in range(3)])),
-    Case("image: palette PNG", file("p.png", bad.palette_png, load_image), None, check=pixel((0, 0), (255, 0, 0))),
+    Case("image: palette PNG -> its RGB colours", file("p.png", bad.palette_png, load_image), None,
+         check=pixel((0, 0), (255, 0, 0))),
     Case("image: palette with transparency -> white", file("pt.png", lambda: bad.palette_png(True), load_image),
          None, check=pixel((0, 0), (255, 255, 255))),
     Case("image: transparent black RGBA -> white", file("a.png", bad.rgba_png, load_image), None,
          check=pixel((5, 5), (255, 255, 255))),
     Case("image: transparent LA -> white", file("la.png", bad.la_png, load_image), None,
          check=pixel((5, 5), (255, 255, 255))),
-    Case("image: 1-bit PNG", file("1.png", bad.one_bit_png, load_image), None, check=pixel((5, 5), (255, 255, 255))),
-    Case("image: 32-bit float TIFF", file("f.tif", bad.float_tiff, load_image), None,
+    Case("image: 1-bit PNG -> RGB", file("1.png", bad.one_bit_png, load_image), None,
+         check=pixel((5, 5), (255, 255, 255))),
+    Case("image: 32-bit float TIFF -> grey scaled from 0..1", file("f.tif", bad.float_tiff, load_image), None,
          check=pixel((1, 1), (128, 128, 128))),
     Case("image: animated GIF -> first frame", file("anim.gif", bad.animated_gif, load_image), None,
          check=pixel((5, 5), (255, 0, 0))),
@@ -322,11 +326,12 @@ CASES: list[Case] = [
     Case("pdf: encrypted, wrong password", file("enc.pdf", lambda: bad.reportlab_pdf(user_password="secret"),
                                                 lambda p: pdf_page_count(p, password="guess")), E.PDFError,
          ("password is wrong",)),
-    Case("pdf: encrypted, right password", file("enc.pdf", lambda: bad.reportlab_pdf(2, user_password="secret"),
-                                                lambda p: [im.size for im in iter_pdf_pages(p, 36, password="secret")]),
+    Case("pdf: encrypted, right password -> pages rendered",
+         file("enc.pdf", lambda: bad.reportlab_pdf(2, user_password="secret"),
+              lambda p: [im.size for im in iter_pdf_pages(p, 36, password="secret")]),
          None, check=equals([(298, 421)] * 2)),
-    Case("pdf: owner password only opens", value(lambda: bad.reportlab_pdf(user_password=""), pdf_page_count), None,
-         check=equals(1)),
+    Case("pdf: owner password only -> opens without one", value(lambda: bad.reportlab_pdf(user_password=""),
+                                                                 pdf_page_count), None, check=equals(1)),
     Case("pdf: encrypted text layer", file("enc.pdf", lambda: bad.reportlab_pdf(user_password="s"), pdf_text_layer),
          E.PDFError, ("encrypted",)),
     Case("pdf: 0 pages (after an encrypted one)", nothing(lambda t: zero_page_after_encrypted()), E.PDFError,
@@ -338,8 +343,9 @@ CASES: list[Case] = [
     Case("pdf: 20000-pt page refused before rasterising", file("huge.pdf", lambda: bad.reportlab_pdf(
         pagesize=(20_000, 20_000)), lambda p: next(iter_pdf_pages(p))), E.PDFError,
         ("40000 x 40000 px", "pixel limit", "lower the dpi")),
-    Case("pdf: 20000-pt page still counts", file("huge.pdf", lambda: bad.reportlab_pdf(pagesize=(20_000, 20_000)),
-                                                 pdf_page_count), None, check=equals(1)),
+    Case("pdf: 20000-pt page -> counted (only rasterising is refused)",
+         file("huge.pdf", lambda: bad.reportlab_pdf(pagesize=(20_000, 20_000)), pdf_page_count), None,
+         check=equals(1)),
     Case("pdf: page range outside", value(bad.reportlab_pdf, lambda b: list(iter_pdf_pages(b, first=3))),
          E.PDFError, ("outside the document's 1 pages",)),
     Case("pdf: dpi 0", value(bad.reportlab_pdf, lambda b: list(iter_pdf_pages(b, dpi=0))), E.PDFError, ("dpi",)),
@@ -365,8 +371,9 @@ CASES: list[Case] = [
          E.RenderError, ("100000x100000", "pixels")),
     Case("text: unknown font family", value(lambda: PageStyle(font_family="comic"), lambda s: render_text("a", s)),
          E.RenderError, ("unknown font family", "sans")),
-    Case("text: mixed scripts render", value(lambda: "Hello Привет Γειά 中文 مرحبا",
-                                            lambda t: render_text(t, PageStyle(width=800, height=200, margin=10))),
+    Case("text: Latin, Cyrillic, Greek, CJK, Arabic -> rendered, text kept",
+         value(lambda: "Hello Привет Γειά 中文 مرحبا",
+               lambda t: render_text(t, PageStyle(width=800, height=200, margin=10))),
          None, check=lambda pages: equals("Hello Привет Γειά 中文 مرحبا")(pages[0].text)),
     # ---- checkpoints
     Case("weights: pickle .bin", file("pytorch_model.bin", bad.pickle_checkpoint, load_state_dict), E.WeightsError,
@@ -391,8 +398,9 @@ CASES: list[Case] = [
                                                   load_state_dict), E.WeightsError, ("unsupported dtype",)),
     Case("weights: shape of the wrong type", file("m.safetensors", lambda: bad.lying_safetensors("shape_type"),
                                                   load_state_dict), E.WeightsError, ("invalid shape",)),
-    Case("weights: truncated data", file("m.safetensors", lambda: bad.safetensors_bytes(bad.honest_header(), b"\0" * 12),
-                                         load_state_dict), E.WeightsError, ("outside the 12-byte",)),
+    Case("weights: truncated data",
+         file("m.safetensors", lambda: bad.safetensors_bytes(bad.honest_header(), b"\0" * 12), load_state_dict),
+         E.WeightsError, ("outside the 12-byte",)),
     Case("weights: zero-byte file", file("m.safetensors", b"", load_state_dict), E.WeightsError,
          ("not a safetensors file",)),
     Case("weights: missing path", nothing(lambda t: load_state_dict(t / "nope")), E.WeightsError, ("no checkpoint",)),
@@ -445,7 +453,7 @@ CASES: list[Case] = [
     Case("grounding: label holding a tag", value(lambda: "a<|det|>b", lambda lab: format_box(lab, [(1, 2, 3, 4)])),
          E.PrimitiveError, ("label",)),
     Case("grounding: no points", value(lambda: [], format_points), E.PrimitiveError, ("at least one",)),
-    Case("grounding: garbage model output is parsed, not raised on", value(
+    Case("grounding: garbage model output -> parsed leniently, no exception", value(
         lambda: "<|ref|><|det|>[[1,2,<|/ref|>]]]<|box|>[[9999, -5, 3" + "\x00" * 3,
         lambda t: (parse_grounding(t), strip_grounding(t), parse_grounding(None))),
         None, check=lambda r: equals(([Block("", (), "]]]\x00\x00\x00")], "]]]\x00\x00\x00", []))(r)),
@@ -469,7 +477,7 @@ CASES: list[Case] = [
          needs="micro_ocr"),
     Case("ocr: PDF page tree promises a missing page", ocr_pdf(bad.missing_page_pdf), E.PDFError, ("page 1",),
          needs="micro_ocr", bug="iter_pdf_pages calls doc[i] outside its try: a raw PdfiumError escapes"),
-    Case("ocr: CMYK JPEG is read, counts = budget", ocr_call(bad.cmyk_jpeg), None, needs="micro_ocr",
+    Case("ocr: CMYK JPEG -> read, counts = budget", ocr_call(bad.cmyk_jpeg), None, needs="micro_ocr",
          check=lambda r: equals((ocr_budget(20, 10, "nano").decoder_slots, (20, 10)))(
              (r.tokens.decoder_slots, r.image.size))),
     Case("ocr: model folder without a tokenizer", model_without_tokenizer, E.TokenizerError, ("no tokenizer.json",),
@@ -734,3 +742,70 @@ def test_ocr_cli_missing_pdf_page_is_a_typed_failure(tmp_path, micro_model_dir):
                "--max-new-tokens", "2", "--device", "cpu", "--quiet"])
     (rec,) = [json.loads(line) for line in (tmp_path / "out" / "m.jsonl").read_text().splitlines()]
     assert rc == 1 and rec["error"]["type"] == "PDFError"
+
+
+# --------------------------------------------------------------------------- the README fragment
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
+
+
+def _words(words: tuple[str, ...]) -> str:
+    return ", ".join(f"“{w}”" for w in words)
+
+
+def doc_markdown() -> str:
+    """docs/bad_inputs.md, generated from the tables above so the README cannot drift from the tests
+    (``python tests/test_bad_inputs.py`` rewrites it)."""
+    out = [
+        "## What bad input gets",
+        "",
+        "Every case below is built by `tests/test_bad_inputs.py` (generated in memory by `tests/badinputs.py`, "
+        "nothing downloaded) and checked on every test run: the call ends in the named `optictx.errors` type "
+        "whose message holds the quoted words, or — for valid-but-odd input — in the right result; it finishes "
+        f"within {CASE_TIMEOUT_S} s (a decompression bomb is refused from its header, never decoded); and it "
+        "leaves no file behind. The CLI prints one line `optictx: error: …` and exits with code 2; `optictx ocr` "
+        "records a failed page in its JSONL and goes on (exit code 1); the server answers a 4xx with "
+        "`{\"error\": {\"message\", \"type\", \"code\"}}` and keeps serving.",
+        "",
+        "Rows marked **known bug** are real defects found by this table, tracked as strict xfails (the test turns "
+        "red when the bug is fixed, so the row cannot go stale).",
+        "",
+        f"### Library and CLI ({len(CASES)} cases)",
+        "",
+        "| Area | Input | Result |",
+        "|---|---|---|",
+    ]
+    for c in CASES:
+        area, _, what = c.id.partition(": ")
+        if c.error is None:
+            what, _, gets = what.partition(" -> ")
+            result = f"accepted → {gets}"
+        else:
+            result = f"`{c.error.__name__}`: {_words(c.words)}"
+            if c.cli:
+                result = f"exit {c.error.exit_code}, one line; {result}"
+        if c.bug:
+            result = f"**known bug** — should be {result}; today: {c.bug}"
+        out.append(f"| {area} | {what} | {result} |")
+    out += ["", f"### Server: `POST /v1/ocr` and `/v1/chat/completions` ({len(SERVER_CASES)} cases)", "",
+            "| Request | Status | Message holds |", "|---|---|---|"]
+    for c in SERVER_CASES:
+        status = f"{c.status}" + (f" — **known bug**: {c.bug}" if c.bug else "")
+        out.append(f"| {c.id} | {status} | {_words(c.words)} |")
+    out += ["", "### Batch OCR: `optictx ocr FOLDER --out DIR` over one folder of bad files", "",
+            "Exit code 1; one JSONL record per page; good pages kept; a markdown file per document; no temp file left.",
+            "", "| File | Record per page |", "|---|---|"]
+    for name, _, pages in OCR_CLI_FILES:
+        recs = "; ".join("ok" if ok else f"`{kind}` (“{word}”)" for ok, kind, word in pages)
+        out.append(f"| `{name}` | {recs} |")
+    return "\n".join(out) + "\n"
+
+
+def test_readme_fragment_lists_every_case():
+    assert DOC.read_text(encoding="utf-8") == doc_markdown(), "run: python tests/test_bad_inputs.py"
+
+
+if __name__ == "__main__":
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(doc_markdown(), encoding="utf-8")
+    print(f"wrote {DOC}")
+

@@ -109,7 +109,8 @@ def to_html(table: list[list[str]], header: bool = False) -> str:
 
 
 html_soup = st.lists(st.sampled_from(["<table>", "</table>", "<tr>", "</tr>", "<td>", "</td>", "<th>", "<thead>",
-                                      "</tbody>", "<td colspan='2'>", "<td rowspan=x>", "<b>", "</b>", "x", " ", "&amp;",
+                                      "</tbody>", "<td colspan='2'>", "<td rowspan=x>", "<b>", "</b>", "x", " ",
+                                      "&amp;",
                                       "<!--", "-->", "<br>", "<", ">", "<td colspan=99999999>"]),
                      max_size=30).map("".join)
 
@@ -172,7 +173,8 @@ def test_page_scores_stay_in_range(dets, md):
 # --------------------------------------------------------------------------- configs
 INT_FIELDS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
               "n_routed_experts", "num_experts_per_tok", "first_k_dense_replace", "kv_lora_rank"]
-json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=False), st.text(max_size=5))
+json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=False),
+                        st.text(max_size=5))
 json_value = st.recursive(json_scalar, lambda c: st.one_of(st.lists(c, max_size=3),
                                                            st.dictionaries(st.text(max_size=8), c, max_size=3)),
                           max_leaves=8)
@@ -281,7 +283,8 @@ def test_views_match_budget_for_any_size_and_mode(w, h, mode, pil_mode):
         assert bool(t.isfinite().all()) and (t.numel() == 0 or (t.min() >= -1 and t.max() <= 1))
 
 
-SEEDS = {"png": lambda: bad.encode(bad.noise_image(24, 16)), "jpeg": lambda: bad.encode(bad.noise_image(24, 16), "JPEG"),
+SEEDS = {"png": lambda: bad.encode(bad.noise_image(24, 16)),
+         "jpeg": lambda: bad.encode(bad.noise_image(24, 16), "JPEG"),
          "gif": bad.animated_gif, "tiff": bad.float_tiff, "webp": lambda: bad.encode(bad.noise_image(24, 16), "WEBP"),
          "bmp": lambda: bad.encode(bad.noise_image(24, 16), "BMP"), "png16": bad.gray16_png}
 
