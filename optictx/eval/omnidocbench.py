@@ -22,7 +22,8 @@ The protocol (OmniDocBench ``end2end`` with its ``simple_match`` matcher):
    whitespace do not count); formulas by deleting delimiters, ``\\tag``, environments, style macros and
    spaces, lower-cased.
 4. Captions, footnotes, headers, footers and page numbers take part in the matching (so predicting them
-   costs nothing) but are not scored; so are blocks marked ``"ignore": true``. Unmatched ground truth
+   costs nothing) but are not scored; so are blocks marked ``"ignore": true`` (our reading of that field:
+   the upstream end-to-end scripts do not consult it). Unmatched ground truth
    scores edit distance 1 (TEDS 0); unmatched predicted text is not charged (as upstream).
 5. Scores: text and formula edit distance (reported three ways, ``page_avg`` is the leaderboard number:
    per page sum(edits)/sum(max lengths), then the mean over pages), table TEDS and TEDS-structure (mean
