@@ -1,10 +1,12 @@
-"""What bad input gets: one table of cases, each through the public API (and the CLI where a command takes it).
+"""What bad input gets: tables of cases through the public API, the CLI, the batch OCR command and the server.
 
 Every case builds its input (``badinputs``, nothing downloaded) in a fresh folder, then calls optictx once.
 A bad input must end in the named ``optictx.errors`` type whose message holds the key words a user acts on;
 a valid-but-odd input (CMYK, 16-bit, EXIF-rotated, ...) must give the right result. Every case runs under a
 time limit (a decompression bomb is refused from its header, not decoded) and must leave the folder as it
-found it: no partial output. ``docs/bad_inputs.md`` lists the same cases for the README.
+found it: no partial output. The server cases must get a 4xx JSON error and leave the server serving; the
+batch ``optictx ocr`` run must record every bad page, keep every good one and leave no temp file.
+``docs/bad_inputs.md`` is generated from these tables for the README (a test keeps it in sync).
 
 Cases marked ``xfail(strict=True)`` are real bugs in other modules, reported with their fix; a strict xfail
 turns red once the bug is fixed, so the marker cannot outlive it.
@@ -116,24 +118,6 @@ def load_then_views(path: Path):
 
 
 # --------------------------------------------------------------------------- helpers for checkpoints / configs
-def write_checkpoint(tmp: Path, tensors_bytes: bytes, name: str = "model.safetensors") -> Path:
-    (tmp / name).write_bytes(tensors_bytes)
-    return tmp / name
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A real saved ocr_tiny checkpoint (random weights) in the official folder layout."""
-    import torch
-
-    from optictx.model.vlm import DeepseekOCRForCausalLM
-    from optictx.weights import save_pretrained
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_ckpt")
-    return save_pretrained(DeepseekOCRForCausalLM(ocr_tiny()), ocr_tiny(), folder)
-
-
 @pytest.fixture(scope="module")
 def micro_model_dir(tmp_path_factory) -> Path:
     """A random ocr_tiny model with a small trained tokenizer, saved as a model folder (what OCR() loads)."""
@@ -183,7 +167,7 @@ def model_without_tokenizer(tmp: Path, src: Path):
 
 
 def checkpoint_with_config(edit: Callable[[dict], None]):
-    """Setup (needs the tiny checkpoint): link its files into tmp, edit config.json, call from_pretrained."""
+    """Setup (needs micro_model_dir): link its files into tmp, edit config.json, call from_pretrained."""
     def setup(tmp: Path, src: Path):
         for f in src.iterdir():
             (tmp / f.name).symlink_to(f)
@@ -411,9 +395,9 @@ CASES: list[Case] = [
          ("no model folder",)),
     Case("model: folder without config.json", nothing(from_pretrained), E.ConfigError, ("no config.json",)),
     Case("model: config shapes disagree with weights", checkpoint_with_config(set_lm(intermediate_size=512)),
-         E.WeightsError, ("wrong shape", "mlp", "[768, 256]"), needs="tiny_checkpoint"),
+         E.WeightsError, ("wrong shape", "mlp", "[768, 256]"), needs="micro_model_dir"),
     Case("model: config has more layers than weights", checkpoint_with_config(set_lm(num_hidden_layers=5)),
-         E.WeightsError, ("missing", "model.layers.4"), needs="tiny_checkpoint"),
+         E.WeightsError, ("missing", "model.layers.4"), needs="micro_model_dir"),
     # ---- configs
     Case("config: malformed JSON", file("config.json", bad.bad_config_json("syntax"),
                                         DeepseekOCRConfig.from_json_file), E.ConfigError, ("not valid json",)),
