@@ -366,6 +366,32 @@ def test_render_keeps_every_character_or_refuses(text):
     assert all(p.image.size == (320, 200) for p in pages)
 
 
+markdown_soup = st.lists(st.sampled_from(["# Title", "## Sub", "text words", "**bold**", "`code`", "\n", "\n\n",
+                                         "- item", "1. one", "> quote", "```", "```py", "| a | b |", "|---|---|",
+                                         "| 1 |", "---", "    indented", "[link](u)", "中文", "مرحبا", "\t"]),
+                        min_size=1, max_size=25).map("".join)
+
+
+@SLOW
+@given(markdown_soup)
+def test_markdown_render_is_total_and_boxes_stay_on_the_page(md):
+    from optictx.render import PageStyle
+    from optictx.render.markdown import parse_markdown, render_markdown
+
+    parse_markdown(md)
+    style = PageStyle(width=360, height=260, margin=12, font_size=14)
+    try:
+        pages = render_markdown(md, style)
+    except E.RenderError as e:
+        assert str(e)
+        return
+    for page in pages:
+        for b in page.blocks + page.lines:
+            x1, y1, x2, y2 = b.box_px
+            assert 0 <= x1 <= x2 <= style.width and 0 <= y1 <= y2 <= style.height, b
+            assert all(0 <= v <= 999 for v in b.box_999)
+
+
 # --------------------------------------------------------------------------- the atheris target stays runnable
 @functools.lru_cache(maxsize=1)
 def _atheris_target():
