@@ -292,21 +292,26 @@ class PrimitivesSFTTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Held-out teacher-forced loss, plus rewards of greedy decodes on a few held-out prompts."""
+        """Held-out teacher-forced loss (and its gap to swapped images), rewards of a few greedy decodes."""
         from optictx.rewards import score
 
         model = getattr(model, "module", model)
         was = model.training
         model.eval()
         samples = self.eval_samples()
-        losses = []
+        losses, swapped = [], []
         for start in range(0, len(samples), self.cfg.batch_size):
             chunk = samples[start:start + self.cfg.batch_size]
             b = collate(self.tok, [(image_tensor(s, self.model_cfg), s.prompt, s.target) for s in chunk],
                         self.model_cfg, self.cfg.max_len)
             losses.append(float(model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
                                       labels=b["labels"]).loss))
-        logs = {"eval_loss": float(np.mean(losses))}
+            # control: each answer read from another sample's image of the same size (the gap says the model
+            # looks at the image; a model that ignores it has gap 0)
+            other = [next((q for q in b["pixel_values"][k + 1:] + b["pixel_values"][:k] if q.shape == p.shape), p)
+                     for k, p in enumerate(b["pixel_values"])]
+            swapped.append(float(model(input_ids=b["input_ids"], pixel_values=other, labels=b["labels"]).loss))
+        logs = {"eval_loss": float(np.mean(losses)), "gap": float(np.mean(swapped) - np.mean(losses))}
         if self.cfg.eval_decode:
             outs = rollouts(model, self.tok, samples[: self.cfg.eval_decode], 1,
                             max_new_tokens=self.cfg.max_new_tokens)
