@@ -343,6 +343,8 @@ CASES: list[Case] = [
     Case("text: undecodable byte kept as surrogate", value(lambda: "caf" + bad.NO_FONT_CHARS["surrogate"],
                                                            render_text), E.RenderError,
          ("no installed font", "U+DCE9")),
+    Case("text: control character (NUL)", value(lambda: "hel\x00lo", render_text), E.RenderError,
+         ("control characters", "U+0000")),
     Case("text: private-use character", value(lambda: "see \ue000 here", render_text), E.RenderError,
          ("no installed font", "U+E000")),
     Case("text: script no font covers (Linear B)", value(lambda: "x " + bad.NO_FONT_CHARS["linear_b"], render_text),
