@@ -44,7 +44,7 @@ def main() -> None:
     model = model.to(dtype)
     cfg = OCRTaskConfig(batch_size=args.batch, curriculum_steps=1, full_lines=args.lines)
     task = OCRTask(tok, cfg)
-    net = OCRTrainModule(model, cfg.ctc_frames).to(dtype)
+    net = OCRTrainModule(model, cfg.ctc_frames, cfg.line_ctc_sub).to(dtype)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     batches = [task.batch(10 + i, 0, 0, 1) for i in range(args.steps + 1)]
 

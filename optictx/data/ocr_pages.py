@@ -9,7 +9,7 @@ is reading: the two signals the probes before this issue found missing.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -38,6 +38,7 @@ class OCRPage:
     char_cells: list[int]  # for each character of `text`: index of the vision-token cell covering it (-1: none)
     font_size: int
     n_lines: int
+    lines: list[tuple[str, tuple[float, float, float, float]]] = field(default_factory=list)  # text, box px
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def render_page(text: str, font_size: int, page_size: int, grid: int, max_lines:
         page = render_text("\n".join(t for t, _ in lines), style)[0]
         lines = [(b.text, b.box_px) for b in page.lines]
     page_text = "\n".join(t for t, _ in lines)
-    return OCRPage(page.image, page_text, char_cells(lines, page_size, grid), font_size, len(lines))
+    return OCRPage(page.image, page_text, char_cells(lines, page_size, grid), font_size, len(lines), lines)
 
 
 class OCRPageSource:

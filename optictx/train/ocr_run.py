@@ -87,7 +87,7 @@ def prepare_ocr(recipe: dict, out: str | Path):
 
         load_into(model, recipe["init_from"], dtype=torch.float32, device="cpu")
     task_cfg = OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {})))
-    net = OCRTrainModule(model, task_cfg.ctc_frames)
+    net = OCRTrainModule(model, task_cfg.ctc_frames, task_cfg.line_ctc_sub)
     train_cfg = TrainConfig(out_dir=str(out), **_fields(TrainConfig, recipe.get("train", {})))
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
@@ -112,7 +112,8 @@ def export_run(run_dir: str | Path, dest: str | Path, dtype: str = "bfloat16") -
     recipe = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))
     tok = Tokenizer.from_pretrained(run_dir / "tokenizer")
     cfg, model = build_model(recipe, tok)
-    net = OCRTrainModule(model, OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {}))).ctc_frames)
+    task_cfg = OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {})))
+    net = OCRTrainModule(model, task_cfg.ctc_frames, task_cfg.line_ctc_sub)
     state = load_checkpoint(ckpt, net, restore_rng=False)
     dest = Path(dest)
     model.save_pretrained(dest, dtype=dtype)

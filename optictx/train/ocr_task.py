@@ -40,6 +40,8 @@ class OCRTaskConfig:
     grid: int = 4  # vision tokens per side (page_size / 64)
     ctc_weight: float = 0.3
     ctc_frames: int = 96
+    line_ctc_weight: float = 1.0  # CTC of each text line read off the SAM neck features (16-px patches)
+    line_ctc_sub: int = 4  # frames per patch column for the line reader
     guide_weight: float = 0.5
     guide_layers: tuple[int, ...] = (1, 2)
     curriculum_steps: int = 4000  # steps to grow from 2 lines to full pages
@@ -66,22 +68,47 @@ class CTCHead(nn.Module):
         return self.out(h).log_softmax(-1).transpose(0, 1)
 
 
+class LineCTCHead(nn.Module):
+    """Training-only line reader on the SAM neck output: pool the patch rows under a text line, then
+    `sub` frames per patch column -> characters. It grounds the encoder at full resolution (16-px patches,
+    ~2.5 characters each) before the 16x compressor, where learning to see glyphs is fast."""
+
+    def __init__(self, channels: int, sub: int, hidden: int = 128):
+        super().__init__()
+        self.sub, self.hidden = sub, hidden
+        self.expand = nn.Linear(channels, sub * hidden)
+        self.out = nn.Linear(hidden, len(CTC_ALPHABET) + 1)
+
+    def forward(self, neck: torch.Tensor, rows: torch.Tensor, page_of_line: torch.Tensor) -> torch.Tensor:
+        """neck [B, C, R, W], rows [L, R] pooling weights, page_of_line [L] -> log-probs [W*sub, L, classes]."""
+        feats = torch.einsum("lr,lcrw->lwc", rows.to(neck.dtype), neck[page_of_line])
+        h = F.gelu(self.expand(feats)).view(feats.shape[0], feats.shape[1] * self.sub, self.hidden)
+        return self.out(h).log_softmax(-1).transpose(0, 1)
+
+
 class OCRTrainModule(nn.Module):
     """The model plus its training-only heads, so one state dict checkpoints both.
 
     Everything that needs gradients happens in ``forward`` so that DDP sees (and all-reduces) it.
     """
 
-    def __init__(self, model: DeepseekOCRForCausalLM, ctc_frames: int):
+    def __init__(self, model: DeepseekOCRForCausalLM, ctc_frames: int, line_sub: int = 4):
         super().__init__()
         self.model = model
         self.ctc_head = CTCHead(model.model.embed_tokens.embedding_dim, ctc_frames)
+        self.line_head = LineCTCHead(model.model.sam_model.neck[-1].weight.shape[0], line_sub)
 
     def forward(self, pix: torch.Tensor, input_ids: torch.Tensor, guide_layers: tuple[int, ...] = (),
-                with_ctc: bool = False):
-        """-> (fp32 logits [B,T,V], CTC log-probs [frames, B*g*g, C] or None, guided-head log-attention list)."""
+                with_ctc: bool = False, line_rows: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """-> (fp32 logits [B,T,V], token-CTC log-probs [frames, B*g*g, C] or None, guided-head log-attention
+        list, line-CTC log-probs [frames, L, C] or None)."""
         model = self.model
-        slots, tokens = image_slots(model, pix)
+        neck_out: list[torch.Tensor] = []
+        neck_hook = model.model.sam_model.neck.register_forward_hook(lambda m, a, out: neck_out.append(out))
+        try:
+            slots, tokens = image_slots(model, pix)
+        finally:
+            neck_hook.remove()
         emb = model.model.embed_tokens(input_ids)
         emb = torch.cat([emb[:, :1], slots.to(emb.dtype), emb[:, 1 + slots.shape[1]:]], dim=1)
         captured: list[tuple] = []
@@ -94,7 +121,8 @@ class OCRTrainModule(nn.Module):
                 h.remove()
         logits = model.lm_head(hidden).float()
         ctc = self.ctc_head(tokens.reshape(-1, tokens.shape[-1])) if with_ctc else None
-        return logits, ctc, [head_attention_logprobs(*c) for c in captured]
+        lines = self.line_head(neck_out[0], *line_rows) if line_rows is not None and len(line_rows[1]) else None
+        return logits, ctc, [head_attention_logprobs(*c) for c in captured], lines
 
 
 def pixels(image) -> torch.Tensor:
@@ -170,6 +198,18 @@ class OCRTask:
                 if cell >= 0:
                     g[len(head) + j - 1] = 1 + slot_of_cell(cell, cfg.grid)
             seqs.append(seq), labels.append(lab), guides.append(g), ctcs.append(ctc_targets(page, cfg.grid))
+        line_rows, line_page, line_targets = [], [], []
+        patch = cfg.page_size / (cfg.grid * 4)  # SAM patch rows: grid*4 per page (16 px for the tiny model)
+        for pi, page in enumerate(pages):
+            for text, (_, y1, _, y2) in page.lines:
+                edges = torch.arange(cfg.grid * 4 + 1, dtype=torch.float32) * patch
+                overlap = (torch.minimum(edges[1:], torch.tensor(y2)) - torch.maximum(edges[:-1], torch.tensor(y1)))
+                w = overlap.clamp(min=0)
+                if w.sum() <= 0 or not text:
+                    continue
+                line_rows.append(w / w.sum())
+                line_page.append(pi)
+                line_targets.append([CTC_INDEX[c] for c in text if c in CTC_INDEX])
         t = max(map(len, seqs))
         pad = lambda rows, v: torch.tensor([r + [v] * (t - len(r)) for r in rows])  # noqa: E731
         return {
@@ -178,6 +218,9 @@ class OCRTask:
             "labels": pad(labels, -100),
             "guide": pad(guides, -1),
             "ctc": ctcs,
+            "line_rows": torch.stack(line_rows) if line_rows else torch.zeros(0, cfg.grid * 4),
+            "line_page": torch.tensor(line_page, dtype=torch.long),
+            "line_targets": line_targets,
             "texts": [p.text for p in pages],
         }
 
@@ -190,8 +233,10 @@ class OCRTask:
     # ------------------------------------------------------------------ loss
     def loss(self, net: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        logits, ctc_logp, guide_logp = net(batch["pixels"], batch["input_ids"],
-                                           cfg.guide_layers if cfg.guide_weight > 0 else (), cfg.ctc_weight > 0)
+        line_rows = (batch["line_rows"], batch["line_page"]) if cfg.line_ctc_weight > 0 else None
+        logits, ctc_logp, guide_logp, line_logp = net(batch["pixels"], batch["input_ids"],
+                                                      cfg.guide_layers if cfg.guide_weight > 0 else (),
+                                                      cfg.ctc_weight > 0, line_rows)
         lm = causal_lm_loss(logits, batch["labels"])
         total = lm
         parts = {"lm": float(lm.detach()), "tokens": float((batch["labels"] != -100).sum())}
@@ -200,9 +245,13 @@ class OCRTask:
             total = total + cfg.guide_weight * guide
             parts["guide"] = float(guide.detach())
         if ctc_logp is not None:
-            ctc = ctc_loss(ctc_logp, batch["ctc"])
+            ctc = ctc_loss(ctc_logp, [cell for page in batch["ctc"] for cell in page])
             total = total + cfg.ctc_weight * ctc
             parts["ctc"] = float(ctc.detach())
+        if line_logp is not None:
+            line = ctc_loss(line_logp, batch["line_targets"])
+            total = total + cfg.line_ctc_weight * line
+            parts["line_ctc"] = float(line.detach())
         parts["loss"] = float(total.detach())
         return total, parts
 
@@ -261,16 +310,23 @@ def guided_attention_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return -(picked[mask]).mean()
 
 
-def ctc_loss(logp: torch.Tensor, targets: list[list[list[int]]]) -> torch.Tensor:
-    """CTC of every vision token ([frames, N, C] log-probs) onto the characters of its cell."""
-    frames_n, n, _ = logp.shape
-    flat = [cell[: frames_n // 2] for page in targets for cell in page]
-    lengths = torch.tensor([len(c) for c in flat])
-    concat = torch.tensor([c for cell in flat for c in cell] or [0], dtype=torch.long)
-    frames = torch.full((n,), frames_n, dtype=torch.long)
-    concat, lengths, frames = concat.to(logp.device), lengths.to(logp.device), frames.to(logp.device)
-    return F.ctc_loss(logp.float(), concat[: int(lengths.sum())] if lengths.sum() else concat[:0], frames, lengths,
-                      blank=0, reduction="mean", zero_infinity=True)
+def ctc_loss(logp: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """CTC of sequences ([frames, N, C] log-probs) onto their character targets, per target character.
+
+    Empty targets are skipped (an empty cell has nothing to teach and would drown the rest in an average);
+    targets longer than half the frames are cut, so CTC always has room for blanks between repeats.
+    """
+    frames_n = logp.shape[0]
+    keep = [i for i, t in enumerate(targets) if t]
+    if not keep:
+        return logp.sum() * 0
+    cut = [targets[i][: frames_n // 2] for i in keep]
+    lengths = torch.tensor([len(t) for t in cut], device=logp.device)
+    concat = torch.tensor([c for t in cut for c in t], dtype=torch.long, device=logp.device)
+    frames = torch.full((len(keep),), frames_n, dtype=torch.long, device=logp.device)
+    sel = logp[:, torch.tensor(keep, device=logp.device)].float()
+    total = F.ctc_loss(sel, concat, frames, lengths, blank=0, reduction="sum", zero_infinity=True)
+    return total / lengths.sum()
 
 
 @torch.no_grad()
