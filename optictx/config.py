@@ -82,6 +82,16 @@ class DeepseekV2Config:
         )
 
     def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "first_k_dense_replace", "moe_layer_freq"):
+            value = getattr(self, name)
+            minimum = 0 if name == "first_k_dense_replace" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigError(f"{name} must be null or an integer >= 0, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -231,6 +241,21 @@ class DeepseekOCRConfig:
     def from_dict(cls, d: dict[str, Any]) -> "DeepseekOCRConfig":
         if not isinstance(d, dict):
             raise ConfigError("config.json must hold a JSON object")
+        for key in ("language_config", "vision_config", "projector_config"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"{key} must be a JSON object, got {type(d[key]).__name__}")
+        width = (d.get("vision_config") or {}).get("width")
+        if width is not None and not (isinstance(width, dict) and all(isinstance(v, dict) for v in width.values())):
+            raise ConfigError("vision_config.width must map sam_vit_b / clip-l-14-224 to JSON objects")
+        try:
+            return cls._from_checked_dict(d)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError, KeyError) as e:
+            raise ConfigError(f"config.json has a field of the wrong type or value: {e}") from None
+
+    @classmethod
+    def _from_checked_dict(cls, d: dict[str, Any]) -> "DeepseekOCRConfig":
         lm_keys = {f.name for f in dataclasses.fields(DeepseekV2Config)}
         # The official modeling code reads the top-level decoder keys; language_config is the fallback.
         lm_dict = dict(d.get("language_config") or {}) | {k: v for k, v in d.items() if k in lm_keys}

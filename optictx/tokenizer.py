@@ -100,7 +100,12 @@ class Tokenizer:
         names = {}
         cfg_path = path.parent / "tokenizer_config.json"
         if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{cfg_path} is not valid UTF-8 JSON: {e}") from None
+            if not isinstance(cfg, dict):
+                raise TokenizerError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
             for key in ("bos_token", "eos_token", "pad_token"):
                 value = cfg.get(key)
                 if isinstance(value, dict):  # AddedToken serialisation
