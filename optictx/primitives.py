@@ -300,6 +300,21 @@ def point_to_999(point_px: Sequence[float], size: tuple[int, int]) -> Point:
 _TABLE_HTML = re.compile(r"<table\b.*?</table\s*>", re.IGNORECASE | re.DOTALL)
 
 
+def _remove_grounding_once(text: str, images: bool, image_path: str, idx: int) -> tuple[str, int]:
+    """One pass of :func:`strip_grounding`: drop every span (image spans become links numbered from ``idx``);
+    returns the text and the next link number."""
+    parts, pos = [], 0
+    for span in _spans(text):
+        parts.append(text[pos:span.start])
+        if images and span.label == "image":
+            for _ in (c for c in span.coords if len(c) == 4):
+                parts.append(f"![]({image_path.replace('{idx}', str(idx))})\n")
+                idx += 1
+        pos = span.end
+    parts.append(text[pos:])
+    return "".join(parts), idx
+
+
 def strip_grounding(text: str, *, images: bool = False, image_path: str = "images/{idx}.jpg",
                     gfm_tables: bool = False) -> str:
     """Grounded output -> clean markdown, as the official runner writes ``<name>.mmd``.
@@ -311,16 +326,15 @@ def strip_grounding(text: str, *, images: bool = False, image_path: str = "image
     """
     if not isinstance(text, str):
         return ""
-    parts, pos, idx = [], 0, 0
-    for span in _spans(text):
-        parts.append(text[pos:span.start])
-        if images and span.label == "image":
-            for _ in (c for c in span.coords if len(c) == 4):
-                parts.append(f"![]({image_path.replace('{idx}', str(idx))})\n")
-                idx += 1
-        pos = span.end
-    parts.append(text[pos:])
-    md = _PARTIAL_TAG_AT_END.sub("", "".join(parts))
+    # Removing a span can join the text on either side into a new tag (``<|re`` + ``<|/ref|>`` + ``f|>``), so
+    # passes repeat until no tag is left. Each pass removes at least one ``<``, which links never add, so
+    # ``text.count("<") + 1`` passes always suffice (the bound only matters for an ``image_path`` holding tags).
+    md, idx = text, 0
+    for _ in range(text.count("<") + 1):
+        if _TAG.search(md) is None:
+            break
+        md, idx = _remove_grounding_once(md, images, image_path, idx)
+    md = _PARTIAL_TAG_AT_END.sub("", md)
     md = md.replace("\\coloneqq", ":=").replace("\\eqqcolon", "=:")
     if gfm_tables:
         md = _TABLE_HTML.sub(lambda m: html_table_to_gfm(m.group(0)) or m.group(0), md)

@@ -62,8 +62,6 @@ def test_strip_grounding_leaves_no_tag_behind(text):
         assert ANY_TAG.search(md) is None, md
 
 
-@pytest.mark.xfail(strict=True, reason="strip_grounding removes a span in one pass, so the halves around it can join "
-                                       "into a new tag: '<|re' + '<|/ref|>' + 'f|>' gives '<|ref|>'")
 @FAST
 @example("<|re<|/ref|>f|>")
 @given(soup)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from optictx.errors import RenderError
@@ -57,21 +62,91 @@ def _box(tb) -> dict:
     return {"text": tb.text, "box_px": list(tb.box_px), "box_999": list(tb.box_999)}
 
 
-def _write(out: Path, n: int, image, record: dict, dpi: int) -> None:
-    image.save(out / f"page-{n:04d}.png", dpi=(dpi, dpi))
-    (out / f"page-{n:04d}.json").write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+def _write(folder: Path, n: int, image, record: dict, dpi: int) -> None:
+    """Write one page's PNG and JSON into the staging folder (published all at once by :func:`_staged`)."""
+    image.save(folder / f"page-{n:04d}.png", dpi=(dpi, dpi))
+    (folder / f"page-{n:04d}.json").write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RenderError(f"--out {out} exists and is not a folder")
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A hidden temp folder whose files appear in ``out`` only if the block finishes.
+
+    Why: a PDF whose page 2 is refused must not leave page 1 behind (a half-written output folder looks
+    like a finished short document). A new ``out`` is staged next to it and renamed into place in one step;
+    into an existing ``out`` each file is moved with an atomic ``os.replace``. On any error the temp folder
+    and every parent folder made for it are removed, so a failed run leaves the disk as it found it.
+    """
+    _check_out(out)
+    made: list[Path] = []  # parent folders created here, outermost first
+    exists = out.is_dir()
+    home = out if exists else out.parent
+    p = home
+    while not p.exists():
+        made.insert(0, p)
+        p = p.parent
+    try:
+        for d in made:
+            d.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name or 'out'}.", suffix=".tmp", dir=home))
+    except OSError as e:
+        _remove_made(made)
+        raise RenderError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+    try:
+        try:
+            yield tmp
+            _publish(tmp, out, exists)
+        except OSError as e:  # disk full, permissions: a typed error, not a traceback
+            raise RenderError(f"--out {out}: cannot write the pages ({e.strerror or e})") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
+        raise
+
+
+def _remove_made(made: list[Path]) -> None:
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:
+            break  # something else put a file there: leave it
+
+
+def _publish(tmp: Path, out: Path, exists: bool) -> None:
+    if not exists:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output folder gets the usual permissions
+        try:
+            tmp.rename(out)
+            return
+        except OSError:
+            if not out.is_dir():  # not a race with another writer creating ``out`` meanwhile: a real failure
+                raise
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
 
 
 def _pdf(args, out: Path) -> int:
-    from optictx.render.pdf import iter_pdf_pages, pdf_text_layer
+    from optictx.render.pdf import iter_pdf_pages, pdf_page_count, pdf_text_layer
 
-    last = None if args.max_pages is None else args.max_pages
+    # opened once first: an encrypted, corrupt or empty PDF is refused before any folder is made, and
+    # --max-pages is a cap (a 3-page PDF with --max-pages 10 renders 3 pages, not a range error)
+    total = pdf_page_count(args.file)
+    last = total if args.max_pages is None else min(args.max_pages, total)
     n = 0
-    for n, image in enumerate(iter_pdf_pages(args.file, dpi=args.dpi, last=last), 1):
-        lines = pdf_text_layer(args.file, n - 1, dpi=args.dpi)
-        record = {"page": n, "width": image.width, "height": image.height, "source": "pdf",
-                  "text": "\n".join(t.text for t in lines), "lines": [_box(t) for t in lines]}
-        _write(out, n, image, record, args.dpi)
+    with _staged(out) as folder:
+        for n, image in enumerate(iter_pdf_pages(args.file, dpi=args.dpi, last=last), 1):
+            lines = pdf_text_layer(args.file, n - 1, dpi=args.dpi)
+            record = {"page": n, "width": image.width, "height": image.height, "source": "pdf",
+                      "text": "\n".join(t.text for t in lines), "lines": [_box(t) for t in lines]}
+            _write(folder, n, image, record, args.dpi)
     return n
 
 
@@ -79,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
     from optictx.render import render_markdown, render_text, render_to_fit
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.max_pages is not None and args.max_pages < 1:
+        raise RenderError(f"--max-pages must be at least 1, got {args.max_pages}")
+    _check_out(out)
     if args.file.lower().endswith(".pdf") and not (args.markdown or args.text):
         n = _pdf(args, out)
         print(f"wrote {n} page(s) of {args.file} at {args.dpi} DPI to {out}")
@@ -99,11 +176,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         render = render_markdown if markdown else render_text
         pages, note = render(text, style, max_pages=args.max_pages), ""
-    for page in pages:
-        w, h = page.image.size
-        record = {"page": page.index + 1, "width": w, "height": h, "source": "markdown" if markdown else "text",
-                  "text": page.text, "lines": [_box(t) for t in page.lines], "words": [_box(t) for t in page.words],
-                  "blocks": [{"label": b.label, **_box(b)} for b in page.blocks]}
-        _write(out, page.index + 1, page.image, record, style.dpi)
+    with _staged(out) as folder:
+        for page in pages:
+            w, h = page.image.size
+            record = {"page": page.index + 1, "width": w, "height": h, "source": "markdown" if markdown else "text",
+                      "text": page.text, "lines": [_box(t) for t in page.lines],
+                      "words": [_box(t) for t in page.words],
+                      "blocks": [{"label": b.label, **_box(b)} for b in page.blocks]}
+            _write(folder, page.index + 1, page.image, record, style.dpi)
     print(f"wrote {len(pages)} page(s) to {out}{note}")
     return 0

@@ -26,23 +26,68 @@ MAX_PAGE_PIXELS = 60_000_000
 144 DPI would be 40000 px on a side: refused before pdfium allocates gigabytes."""
 
 _LOAD_ERRORS = {
-    pdfium_c.FPDF_ERR_SUCCESS: "it has no pages (its page tree is empty or missing)",
     pdfium_c.FPDF_ERR_FILE: "the file cannot be opened or read",
     pdfium_c.FPDF_ERR_FORMAT: "it is not a PDF or it is corrupt",
     pdfium_c.FPDF_ERR_PASSWORD: "it is encrypted and needs a password (pass password=...)",
     pdfium_c.FPDF_ERR_SECURITY: "it uses an unsupported security handler",
     pdfium_c.FPDF_ERR_PAGE: "a page is missing or corrupt",
 }
+_ENCRYPTION_CODES = (pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY)
+_UNKNOWN = "pdfium could not load it (it is corrupt or uses a feature pdfium does not support)"
+
+_SAMPLE_HEAD = 1 << 24
+_SAMPLE_TAIL = 1 << 20
 
 Source = str | os.PathLike | bytes
 
 
-def _has_no_pages(src: str | bytes) -> bool:
-    """pdfium refuses to open a PDF whose page tree is empty (it reports success or a format error);
-    recognise that case so the message says so."""
-    head = src if isinstance(src, bytes) else Path(src).read_bytes()[:1 << 24]
-    return (head.startswith(b"%PDF") and re.search(rb"/Count\s*0\b", head) is not None
-            and re.search(rb"/Type\s*/Page\b(?!s)", head) is None)
+def _sample(src: str | bytes) -> bytes:
+    """The first 16 MiB and last 1 MiB of the file: the header, and the trailer where ``/Encrypt`` lives
+    (a linearised file also repeats it near the start). Unreadable -> ``b""`` (no evidence either way)."""
+    if isinstance(src, (bytes, bytearray)):
+        data = bytes(src)
+        return data if len(data) <= _SAMPLE_HEAD + _SAMPLE_TAIL else data[:_SAMPLE_HEAD] + data[-_SAMPLE_TAIL:]
+    try:
+        with open(src, "rb") as f:
+            head = f.read(_SAMPLE_HEAD)
+            size = f.seek(0, os.SEEK_END)
+            if size <= len(head):
+                return head
+            f.seek(max(len(head), size - _SAMPLE_TAIL))
+            return head + f.read()
+    except OSError:
+        return b""
+
+
+def _has_no_pages(sample: bytes) -> bool:
+    """pdfium refuses a PDF whose page tree is empty without setting an error code; recognise that case
+    from the bytes so the message says so."""
+    return (sample.startswith(b"%PDF") and re.search(rb"/Count\s*0\b", sample) is not None
+            and re.search(rb"/Type\s*/Page\b(?!s)", sample) is None)
+
+
+def _is_encrypted(sample: bytes) -> bool:
+    """An encrypted PDF names its encryption dictionary in the trailer (or xref-stream dictionary)."""
+    return re.search(rb"/Encrypt\b", sample) is not None
+
+
+def _refusal(src: str | bytes, code: int | None, password: str | None) -> str:
+    """Why pdfium refused the file, not trusting its error code.
+
+    pdfium's last-error code is process state that some refusals (a page-less document) leave untouched,
+    so after an earlier failure it is stale: an empty PDF opened after an encrypted one reads "password
+    error", and in the server one request's error would show in another's reply. So the page-less check
+    runs on every refusal, and an encryption code is believed only when the file has ``/Encrypt``.
+    """
+    sample = _sample(src)
+    if _has_no_pages(sample):
+        return "the PDF has no pages"
+    if code in _ENCRYPTION_CODES:
+        if not _is_encrypted(sample):
+            return _UNKNOWN  # a stale code from an earlier failure
+        if code == pdfium_c.FPDF_ERR_PASSWORD and password is not None:
+            return "the password is wrong"
+    return _LOAD_ERRORS.get(code, _UNKNOWN)
 
 
 def _name(src: Source) -> str:
@@ -64,19 +109,22 @@ def open_pdf(src: Source, password: str | None = None) -> Iterator[pdfium.PdfDoc
     try:
         doc = pdfium.PdfDocument(bytes(src) if isinstance(src, bytearray) else src, password=password)
     except pdfium.PdfiumError as e:
-        code = getattr(e, "err_code", None)
-        why = _LOAD_ERRORS.get(code, f"pdfium could not load it ({e})")
-        if code == pdfium_c.FPDF_ERR_PASSWORD and password is not None:
-            why = "the password is wrong"
-        elif code in (pdfium_c.FPDF_ERR_SUCCESS, pdfium_c.FPDF_ERR_FORMAT) and _has_no_pages(src):
-            why = "the PDF has no pages"
-        raise PDFError(f"{_name(src)}: {why}") from e
+        # pypdfium2's own message repeats the (possibly stale) code's text, so it is not shown
+        raise PDFError(f"{_name(src)}: {_refusal(src, getattr(e, 'err_code', None), password)}") from e
     try:
         if len(doc) == 0:
             raise PDFError(f"{_name(src)}: the PDF has no pages")
         yield doc
     finally:
         doc.close()
+
+
+def _load_page(doc: pdfium.PdfDocument, index: int, src: Source) -> pdfium.PdfPage:
+    """``doc[index]`` with a typed error: a page tree can promise a page it does not hold."""
+    try:
+        return doc[index]
+    except pdfium.PdfiumError as e:
+        raise PDFError(f"{_name(src)}: page {index + 1} is missing or corrupt") from e
 
 
 def pdf_page_count(src: Source, password: str | None = None) -> int:
@@ -112,7 +160,7 @@ def iter_pdf_pages(src: Source, dpi: float = 144, first: int = 0, last: int | No
     scale = dpi / 72
     with open_pdf(src, password) as doc:
         for i in _page_range(len(doc), first, last):
-            page = doc[i]
+            page = _load_page(doc, i, src)
             try:
                 _check_size(page, i, scale, max_pixels)
                 bitmap = page.render(scale=scale)
@@ -146,8 +194,12 @@ def pdf_text_layer(src: Source, page_index: int = 0, dpi: float = 144, *,
     scale = dpi / 72
     with open_pdf(src, password) as doc:
         _page_range(len(doc), page_index, page_index + 1)
-        page = doc[page_index]
-        textpage = page.get_textpage()
+        page = _load_page(doc, page_index, src)
+        try:
+            textpage = page.get_textpage()
+        except pdfium.PdfiumError as e:
+            page.close()
+            raise PDFError(f"{_name(src)}: page {page_index + 1} has an unreadable text layer ({e})") from e
         try:
             w_pt, h_pt = page.get_size()
             W, H = round(w_pt * scale), round(h_pt * scale)

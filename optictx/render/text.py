@@ -371,6 +371,9 @@ def render_text(text: str, style: PageStyle | None = None, *, max_pages: int | N
     Raises RenderError for empty text, characters no installed font can draw, or a font too large
     for the page.
     """
+    if max_pages is not None and (isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 1):
+        # a negative count would otherwise be ignored (layout never reaches it) and 0 would render nothing
+        raise RenderError(f"max_pages must be a whole number >= 1 or None, got {max_pages!r}")
     style = style or PageStyle()
     text, ts = prepare(text, style)
     m = metrics(style, ts)
