@@ -173,3 +173,52 @@ def test_export_stage_writes_a_bf16_folder_that_loads(micro_folder, tmp_path):
     loaded, _ = load_model(dest)
     assert torch.allclose(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16).float())
     assert json.loads((dest / "training.json").read_text())["stage"] == "opd"
+
+
+def test_patch_embedding_gradient_is_exact_with_onednn_off():
+    """The pipeline trains with oneDNN off because its Conv2d weight gradient is wrong on our CPUs (see
+    primitives_run); this is the canary that the setting it relies on gives the float64 answer."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 64, 14, stride=14)
+    x = torch.rand(4, 3, 126, 126) * 2 - 1
+    with torch.backends.mkldnn.flags(enabled=False):
+        y = conv(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+    w = conv.weight.detach().double().requires_grad_()
+    torch.nn.functional.conv2d(x.double(), w, None, stride=14).backward(g.double())
+    assert float((conv.weight.grad.double() - w.grad).abs().max() / w.grad.abs().max()) < 1e-5
+
+
+def test_grounding_auxiliaries_targets_and_gradients(micro_folder):
+    from optictx.train.primitives_task import (PrimitivesSFTTask, PrimitivesTrainModule, SFTConfig,
+                                               appearance_targets, pointer_targets)
+
+    folder, model, tok = micro_folder
+    cfg = model.config  # block2x2 order
+    pixels = torch.zeros(3, 126, 126)
+    pixels[0, 84:, 84:] = 1.0  # the bottom-right 42x42 cell is red-ish
+    app = appearance_targets(pixels, cfg)
+    assert app.shape == (9, 27)
+    # 3x3 tokens in block2x2 order: cell (0,0),(0,1),(1,0),(1,1), then the right column, then the bottom row
+    assert app[8].view(9, 3)[:, 0].eq(1).all() and app[:8].abs().sum() == 0
+    answer = "<|point|>[[900,900],[100,500]]<|/point|>"
+    head = 20
+    targets = pointer_targets(tok, answer, head, pixels, cfg)
+    assert [slot for _, slot in targets] == [8, 2]  # (2,2) -> last slot; (row 1, col 0) -> slot 2
+    starts = [a for a, _ in tok.hf.encode(answer, add_special_tokens=False).offsets]
+    for (q, _), digit_at in zip(targets, (answer.index("900"), answer.index("100"))):
+        assert starts[q - head + 1] == digit_at  # the next token starts the group's first number
+
+    mixture = Mixture({"pointing": 1}, scene={"side": 126, "max_objects": 3, "max_count": 2, "zero_prob": 0.0})
+    task = PrimitivesSFTTask(tok, cfg, mixture, SFTConfig(batch_size=2, appearance_weight=1.0, pointer_weight=1.0))
+    batch = task.batch(0, 0, 0, 1)
+    assert len(batch["pointers"]) >= 2
+    net = PrimitivesTrainModule(model).train()
+    loss, parts = task.loss(net, batch, 0)
+    assert parts["appearance"] > 0 and parts["pointer"] > 0
+    assert parts["loss"] == pytest.approx(parts["lm"] + parts["appearance"] + parts["pointer"], rel=1e-5)
+    loss.backward()
+    for p in (net.appearance.weight, net.ptr_q.weight, net.ptr_k.weight, model.vision.vit.patch_embed.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    model.zero_grad()

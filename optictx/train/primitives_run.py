@@ -25,8 +25,8 @@ import torch
 from optictx.errors import ConfigError
 from optictx.tokenizer import Tokenizer, train_bpe
 from optictx.train.loop import TrainConfig, init_distributed, train
-from optictx.train.primitives_task import (Mixture, PrimitivesSFTTask, SFTConfig, dataclass_from, load_model,
-                                           read_records, save_model, tokenizer_texts)
+from optictx.train.primitives_task import (Mixture, PrimitivesSFTTask, PrimitivesTrainModule, SFTConfig,
+                                           dataclass_from, load_model, read_records, save_model, tokenizer_texts)
 
 KINDS = ("sft", "grpo", "rft", "opd")
 
@@ -134,7 +134,7 @@ def _sft(recipe, stage, index, out, tok, folder):
                          f"{stage['name']}.sft")
     records = read_records(folder / "records.jsonl") if stage["kind"] == "rft" else None
     task = PrimitivesSFTTask(tok, model.config, stage_mixture(recipe, stage), cfg, records)
-    return model, task
+    return (PrimitivesTrainModule(model) if task.auxiliary else model), task
 
 
 def _screen_pool(recipe, stage, index, out, tok, folder, expert: str, gcfg) -> list:
@@ -223,11 +223,17 @@ def run_stage(recipe: dict, stage: dict, index: int, out: Path, tok: Tokenizer) 
         print(f"[{stage['name']}] {stage['kind']} from {stage.get('init') or 'scratch'}: {n / 1e6:.2f}M params",
               flush=True)
         metrics = train(model, task, _train_config(stage, folder))
-        save_model(model, tok, folder / "model", recipe.get("export_dtype", "float32"))
+        inner = model.model if isinstance(model, PrimitivesTrainModule) else model  # training-only heads stay out
+        save_model(inner, tok, folder / "model", recipe.get("export_dtype", "float32"))
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
 
 
+# oneDNN: on the AVX2 CPUs we train on, torch 2.13's oneDNN (mkldnn) Conv2d backward returns wrong weight
+# gradients for patch embeddings (kernel = stride = 14 or 16): relative errors of 1-100x, sometimes inf/NaN, in
+# 8 of 8 trials for [4,3,126,126] -> 64, [8,3,252,252] -> 256 and [2,3,256,256] -> 96 channels against a float64
+# reference; with oneDNN off the error is ~2e-7 and a step is not slower (measured faster). A wrong patch
+# gradient leaves the ViT blind (the swapped-image gap stays 0), so the pipeline runs with oneDNN off.
 def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = None,
                    max_steps: int | None = None) -> dict:
     """Run (or resume) the recipe's stages in order, then the stage-table evaluation if the recipe has "eval".
@@ -247,6 +253,13 @@ def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = Non
     _, world = init_distributed()
     if world > 1:
         raise ConfigError("the primitives pipeline runs in one process (rollouts are per process); drop torchrun")
+    with torch.backends.mkldnn.flags(enabled=False):  # see the oneDNN note above
+        return _run(recipe, out, all_stages, stages)
+
+
+
+
+def _run(recipe: dict, out: Path, all_stages: list[dict], stages: list[str] | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
     tok = build_tokenizer(recipe, out)

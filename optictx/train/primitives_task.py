@@ -21,7 +21,9 @@ and inference.
 """
 from __future__ import annotations
 
+import bisect
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from optictx.data import mazes, paths, scenes
@@ -142,17 +145,137 @@ def encode_example(tok: Tokenizer, pixels: torch.Tensor, prompt: str, answer: st
     return head + body, [-100] * len(head) + body
 
 
-def collate(tok: Tokenizer, examples: Sequence[tuple[torch.Tensor, str, str]], cfg, max_len: int) -> dict:
-    """Right-padded batch of (pixels, prompt, answer); answers longer than ``max_len`` total are cut."""
-    ids, labels, pix = [], [], []
-    for pixels, prompt, answer in examples:
+def collate(tok: Tokenizer, examples: Sequence[tuple[torch.Tensor, str, str]], cfg, max_len: int,
+            pointers: bool = False) -> dict:
+    """Right-padded batch of (pixels, prompt, answer); answers longer than ``max_len`` total are cut.
+
+    ``pointers``: also list, per cited coordinate group of each answer, (row, query position, image slot) for
+    the pointer auxiliary (see :class:`PrimitivesTrainModule`).
+    """
+    ids, labels, pix, ptr = [], [], [], []
+    for row, (pixels, prompt, answer) in enumerate(examples):
         i, lab = encode_example(tok, pixels, prompt, answer, cfg)
         ids.append(i[:max_len])
         labels.append(lab[:max_len])
         pix.append(pixels)
+        if pointers:
+            head = len(i) - len(tok.encode(answer)) - 1
+            ptr += [(row, q, slot) for q, slot in pointer_targets(tok, answer, head, pixels, cfg) if q < max_len]
     t = max(map(len, ids))
     pad = lambda rows, v: torch.tensor([r + [v] * (t - len(r)) for r in rows])  # noqa: E731
-    return {"input_ids": pad(ids, tok.pad_id), "labels": pad(labels, -100), "pixel_values": pix}
+    batch = {"input_ids": pad(ids, tok.pad_id), "labels": pad(labels, -100), "pixel_values": pix}
+    if pointers:
+        batch["pointers"] = torch.tensor(ptr, dtype=torch.long).reshape(-1, 3)
+    return batch
+
+
+# ----------------------------------------------------------------------------- grounding auxiliaries
+
+_COORDS = re.compile(r"\[(\d{1,3}),(\d{1,3})(?:,(\d{1,3}),(\d{1,3}))?\]")
+
+
+def slot_order(pixels: torch.Tensor, cfg) -> tuple[int, int, torch.Tensor]:
+    """(rows, cols, raster index -> position in the image span) of an image's merged tokens."""
+    from optictx.model.vit import token_order
+
+    unit = cfg.patch_size * cfg.merge_size
+    hh, ww = pixels.shape[-2] // unit, pixels.shape[-1] // unit
+    order = token_order(hh, ww, cfg.image_token_order)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return hh, ww, inverse
+
+
+def pointer_targets(tok: Tokenizer, answer: str, head_len: int, pixels: torch.Tensor, cfg) -> list[tuple[int, int]]:
+    """For each ``[x,y]`` / ``[x1,y1,x2,y2]`` in a gold answer: (the position whose next token is the group's
+    first digit, the image slot holding the point / box centre)."""
+    hh, ww, inverse = slot_order(pixels, cfg)
+    starts = [a for a, _ in tok.hf.encode(answer, add_special_tokens=False).offsets]
+    out = []
+    for m in _COORDS.finditer(answer):
+        v = [int(g) for g in m.groups() if g is not None]
+        x, y = ((v[0] + v[2]) / 2, (v[1] + v[3]) / 2) if len(v) == 4 else (v[0], v[1])
+        col, row = min(ww - 1, int(x / 999 * ww)), min(hh - 1, int(y / 999 * hh))
+        t = bisect.bisect_right(starts, m.start(1)) - 1  # the token holding the first digit
+        if t >= 1:
+            out.append((head_len + t - 1, int(inverse[row * ww + col])))
+    return out
+
+
+def appearance_targets(pixels: torch.Tensor, cfg) -> torch.Tensor:
+    """[N, 27]: the mean colour of each 14-px patch of every merged token's 3×3 group, in image-span order."""
+    _, _, inverse = slot_order(pixels, cfg)
+    m, p = cfg.merge_size, cfg.patch_size
+    pooled = F.avg_pool2d(pixels[None].float(), p)[0]  # [3, H/14, W/14]
+    c, h, w = pooled.shape
+    cells = pooled.view(c, h // m, m, w // m, m).permute(1, 3, 2, 4, 0).reshape(-1, m * m * c)  # raster
+    out = torch.empty_like(cells)
+    out[inverse] = cells
+    return out
+
+
+@dataclass
+class AuxOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    vision_tokens: list[torch.Tensor] | None  # the image encoder's tokens, one tensor per image
+    hidden: torch.Tensor | None  # final normed decoder states [B, T, D]
+
+
+class PrimitivesTrainModule(nn.Module):
+    """The model plus two training-only heads that make it *look* (the exported model is ``.model``).
+
+    Trained on primitives alone, a model from scratch learns the answer format and ignores the image (the
+    teacher-forced loss with swapped images equals the true one). Two auxiliaries, both free from the data:
+
+    * appearance: every image token predicts the mean colours of the 9 patches it merged (MSE), so tokens
+      carry what their 42×42 px cell shows (cf. the OCR task's CTC head);
+    * pointer: at the position that writes a coordinate group, a query projection of the decoder state must
+      pick, among the image tokens' states, the one whose cell holds that point or box centre (cross-entropy;
+      cf. the OCR task's guided attention, but on hidden states, so it works for MLA, CSA and MHA alike).
+    """
+
+    def __init__(self, model: nn.Module, ptr_dim: int = 64):
+        super().__init__()
+        self.model = model
+        d, m = model.config.hidden_size, model.config.merge_size
+        self.appearance = nn.Linear(d, 3 * m * m)
+        self.ptr_q = nn.Linear(d, ptr_dim)
+        self.ptr_k = nn.Linear(d, ptr_dim)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids, pixel_values=None, labels=None, **kwargs):
+        captured: dict[str, Any] = {}
+        hooks = [self.model.vision.register_forward_hook(lambda mod, a, o: captured.__setitem__("vision", o)),
+                 self.model.norm.register_forward_hook(lambda mod, a, o: captured.__setitem__("hidden", o))]
+        try:
+            out = self.model(input_ids=input_ids, pixel_values=pixel_values, labels=labels, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return AuxOutput(out.logits, out.loss, captured.get("vision"), captured.get("hidden"))
+
+    def appearance_loss(self, vision_tokens: Sequence[torch.Tensor], pixel_values, cfg) -> torch.Tensor:
+        pred = torch.cat([self.appearance(t) for t in vision_tokens])
+        target = torch.cat([appearance_targets(p, cfg) for p in pixel_values]).to(pred)
+        return F.mse_loss(pred, target)
+
+    def pointer_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, pointers: torch.Tensor,
+                     image_token_id: int) -> torch.Tensor:
+        if len(pointers) == 0:
+            return hidden.sum() * 0
+        losses = []
+        for row in pointers[:, 0].unique().tolist():
+            mine = pointers[pointers[:, 0] == row]
+            slots = (input_ids[row] == image_token_id).nonzero().squeeze(-1)
+            keys = self.ptr_k(hidden[row, slots])  # [N, d]
+            queries = self.ptr_q(hidden[row, mine[:, 1]])  # [k, d]
+            logits = queries @ keys.T / keys.shape[-1] ** 0.5
+            losses.append(F.cross_entropy(logits.float(), mine[:, 2], reduction="sum"))
+        return torch.stack(losses).sum() / len(pointers)
 
 
 def tokenizer_texts(mixture: Mixture, seed: int, n: int) -> list[str]:
@@ -229,6 +352,8 @@ class SFTConfig:
     eval_decode: int = 8  # greedy decodes scored with the rewards
     eval_seed: int = 1_000_003  # held-out seed range: never used for training
     max_new_tokens: int = 320
+    appearance_weight: float = 0.0  # > 0 (or pointer_weight > 0): train through PrimitivesTrainModule
+    pointer_weight: float = 0.0
 
 
 @dataclass
@@ -278,12 +403,29 @@ class PrimitivesSFTTask:
             idx = [int(order[(base + i) % len(self.records)]) for i in range(bs)]
         else:
             idx = [base + i for i in range(bs)]
-        return collate(self.tok, [self.example(i) for i in idx], self.model_cfg, self.cfg.max_len)
+        # pointer targets come from gold coordinates only (an RFT record's coordinates may be wrong)
+        pointers = self.cfg.pointer_weight > 0 and self.records is None
+        return collate(self.tok, [self.example(i) for i in idx], self.model_cfg, self.cfg.max_len, pointers)
+
+    @property
+    def auxiliary(self) -> bool:
+        return self.cfg.appearance_weight > 0 or self.cfg.pointer_weight > 0
 
     def loss(self, net: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = net(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"])
         tokens = float((batch["labels"] != -100).sum())
-        return out.loss, {"loss": float(out.loss.detach()), "tokens": tokens}
+        total, parts = out.loss, {"lm": float(out.loss.detach()), "tokens": tokens}
+        heads = getattr(net, "module", net)
+        if self.cfg.appearance_weight > 0:
+            app = heads.appearance_loss(out.vision_tokens, batch["pixel_values"], self.model_cfg)
+            total = total + self.cfg.appearance_weight * app
+            parts["appearance"] = float(app.detach())
+        if self.cfg.pointer_weight > 0 and "pointers" in batch:
+            ptr = heads.pointer_loss(out.hidden, batch["input_ids"], batch["pointers"], self.model_cfg.image_token_id)
+            total = total + self.cfg.pointer_weight * ptr
+            parts["pointer"] = float(ptr.detach())
+        parts["loss"] = float(total.detach())
+        return total, parts
 
     def eval_samples(self) -> list[Sample]:
         if self._eval is None:
@@ -296,6 +438,7 @@ class PrimitivesSFTTask:
         from optictx.rewards import score
 
         model = getattr(model, "module", model)
+        model = model.model if isinstance(model, PrimitivesTrainModule) else model
         was = model.training
         model.eval()
         samples = self.eval_samples()
