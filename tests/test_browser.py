@@ -49,7 +49,7 @@ def page(server):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
         context = browser.new_context(viewport={"width": 1300, "height": 900})
         tab = context.new_page()
-        tab.set_default_timeout(60_000)
+        tab.set_default_timeout(180_000)  # generous: CI shares 2 cores with the rest of the suite
         yield tab
         context.close()
         browser.close()
