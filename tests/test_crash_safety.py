@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 
 from optictx.prompts import PAGE_SPLIT
+from test_ocr import save_random_model
 
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="forks a zygote; SIGKILL semantics of Linux")
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 20240610
 NEW_TOKENS = 8  # ~0.1-0.2 s per page with the micro model on one core
@@ -249,9 +251,6 @@ def test_batch_ocr_survives_random_sigkills(tmp_path, zygote):
     """30 pages, 12 SIGKILLs (10 at a random moment after a run's first new page record, 2 during start-up
     and resume preparation), each followed by ``--resume``: every page once, nothing redone, no corrupt file,
     and the result equals an uninterrupted run's."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_ocr import save_random_model
-
     model = save_random_model(tmp_path / "model", seed=0, eos=False)
     pdfs = make_pdfs(tmp_path / "in")
     names = [p.stem for p in pdfs]
