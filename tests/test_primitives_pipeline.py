@@ -222,3 +222,17 @@ def test_grounding_auxiliaries_targets_and_gradients(micro_folder):
     for p in (net.appearance.weight, net.ptr_q.weight, net.ptr_k.weight, model.vision.vit.patch_embed.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def test_primitives_bpe_spells_every_digit_and_keeps_the_special_ids():
+    from optictx.train.primitives_run import train_primitives_bpe
+
+    mixture = Mixture({"maze": 1, "counting": 1})
+    tok = train_primitives_bpe(tokenizer_texts(mixture, 0, 30), vocab_size=400)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.image_token_id) == (0, 1, 2, 3)
+    text = "<|point|>[[123,45],[999,7]]<|/point|> \\boxed{True}"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    digits = [tok.hf.id_to_token(i) for i in ids if tok.hf.id_to_token(i).isdigit()]
+    assert digits == list("12345999" "7")
+    assert tok.token_id("<|point|>") in ids

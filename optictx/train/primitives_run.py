@@ -86,9 +86,33 @@ def build_tokenizer(recipe: dict, out: Path) -> Tokenizer:
     texts: list[str] = []
     for k, st in enumerate(stages):
         texts += tokenizer_texts(stage_mixture(recipe, st), seed + k, max(1, n // len(stages)))
-    tok = train_bpe(texts, vocab_size=spec.get("vocab_size", 4096))
+    tok = train_primitives_bpe(texts, spec.get("vocab_size", 4096), spec.get("individual_digits", True))
     tok.save(folder)
     return tok
+
+
+def train_primitives_bpe(texts: list[str], vocab_size: int, individual_digits: bool = True) -> Tokenizer:
+    """Byte-level BPE with the official special tokens; with ``individual_digits`` every digit is its own token.
+
+    The paper writes coordinates as plain digits and does not say how they tokenize. Plain BPE splits 0-999
+    irregularly ("12"+"3", "456", "9"+"9"+"9"), so a tiny model must learn a different spelling per number;
+    one token per digit makes every coordinate three regular steps, hundreds digit first (coarse position).
+    """
+    if not individual_digits:
+        return train_bpe(texts, vocab_size=vocab_size)
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from optictx.tokenizer import SPECIAL_TOKENS
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
 
 
 def model_config(recipe: dict, tok: Tokenizer):
