@@ -126,3 +126,13 @@ def test_ddp_two_processes_keep_ranks_identical(tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "RANKS_IDENTICAL" in res.stdout
+
+
+def test_encoder_stage_trains_without_decoder_and_reports_cer(tmp_path):
+    rec = micro_recipe(2)
+    rec["ocr"].update(stage="encoder", guide_weight=0.0)
+    rec["train"]["eval_every"] = 2
+    rows = run_recipe(rec, tmp_path / "stage1")
+    assert "lm" not in rows[-1]  # the decoder never ran
+    assert 0.0 <= float(rows[-1]["eval_line_cer"]) and 0.0 <= float(rows[-1]["eval_cell_cer"])
+    assert float(rows[-1]["line_ctc"]) > 0

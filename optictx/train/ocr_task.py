@@ -42,6 +42,7 @@ class OCRTaskConfig:
     ctc_frames: int = 96
     line_ctc_weight: float = 1.0  # CTC of each text line read off the SAM neck features (16-px patches)
     line_ctc_sub: int = 4  # frames per patch column for the line reader
+    stage: str = "full"  # "encoder": ground the encoder with the CTC losses alone (no decoder), then "full"
     guide_weight: float = 0.5
     guide_layers: tuple[int, ...] = (1, 2)
     curriculum_steps: int = 4000  # steps to grow from 2 lines to full pages
@@ -99,7 +100,8 @@ class OCRTrainModule(nn.Module):
         self.line_head = LineCTCHead(model.model.sam_model.neck[-1].weight.shape[0], line_sub)
 
     def forward(self, pix: torch.Tensor, input_ids: torch.Tensor, guide_layers: tuple[int, ...] = (),
-                with_ctc: bool = False, line_rows: tuple[torch.Tensor, torch.Tensor] | None = None):
+                with_ctc: bool = False, line_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                decode: bool = True):
         """-> (fp32 logits [B,T,V], token-CTC log-probs [frames, B*g*g, C] or None, guided-head log-attention
         list, line-CTC log-probs [frames, L, C] or None)."""
         model = self.model
@@ -109,6 +111,10 @@ class OCRTrainModule(nn.Module):
             slots, tokens = image_slots(model, pix)
         finally:
             neck_hook.remove()
+        ctc = self.ctc_head(tokens.reshape(-1, tokens.shape[-1])) if with_ctc else None
+        lines = self.line_head(neck_out[0], *line_rows) if line_rows is not None and len(line_rows[1]) else None
+        if not decode:  # encoder stage: the decoder is not run at all
+            return None, ctc, [], lines
         emb = model.model.embed_tokens(input_ids)
         emb = torch.cat([emb[:, :1], slots.to(emb.dtype), emb[:, 1 + slots.shape[1]:]], dim=1)
         captured: list[tuple] = []
@@ -120,8 +126,6 @@ class OCRTrainModule(nn.Module):
             for h in hooks:
                 h.remove()
         logits = model.lm_head(hidden).float()
-        ctc = self.ctc_head(tokens.reshape(-1, tokens.shape[-1])) if with_ctc else None
-        lines = self.line_head(neck_out[0], *line_rows) if line_rows is not None and len(line_rows[1]) else None
         return logits, ctc, [head_attention_logprobs(*c) for c in captured], lines
 
 
@@ -234,12 +238,16 @@ class OCRTask:
     def loss(self, net: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         line_rows = (batch["line_rows"], batch["line_page"]) if cfg.line_ctc_weight > 0 else None
+        decode = cfg.stage != "encoder"
         logits, ctc_logp, guide_logp, line_logp = net(batch["pixels"], batch["input_ids"],
-                                                      cfg.guide_layers if cfg.guide_weight > 0 else (),
-                                                      cfg.ctc_weight > 0, line_rows)
-        lm = causal_lm_loss(logits, batch["labels"])
-        total = lm
-        parts = {"lm": float(lm.detach()), "tokens": float((batch["labels"] != -100).sum())}
+                                                      cfg.guide_layers if cfg.guide_weight > 0 and decode else (),
+                                                      cfg.ctc_weight > 0, line_rows, decode)
+        parts = {"tokens": float((batch["labels"] != -100).sum())}
+        total = torch.zeros((), device=batch["pixels"].device)
+        if logits is not None:
+            lm = causal_lm_loss(logits, batch["labels"])
+            total = total + lm
+            parts["lm"] = float(lm.detach())
         if guide_logp:
             guide = torch.stack([guided_attention_loss(lp, batch["guide"]) for lp in guide_logp]).mean()
             total = total + cfg.guide_weight * guide
@@ -264,12 +272,35 @@ class OCRTask:
         return self._eval_pages
 
     @torch.no_grad()
+    def evaluate_encoder(self, net: "OCRTrainModule") -> dict[str, float]:
+        """Go/no-go gate of the encoder stage: CER of the line reader and of the per-token reader on held-out
+        pages (the per-token one says whether the 16 vision tokens carry the text the decoder must read)."""
+        from optictx.eval.metrics import character_error_rate
+
+        was_training = net.training
+        net.eval()
+        pages = self.eval_pages()
+        batch = self.collate(pages)
+        _, ctc_logp, _, line_logp = net(batch["pixels"], batch["input_ids"], (), True,
+                                        (batch["line_rows"], batch["line_page"]), decode=False)
+        net.train(was_training)
+        line_pred = ctc_greedy(line_logp)
+        line_true = ["".join(CTC_ALPHABET[c - 1] for c in t) for t in batch["line_targets"]]
+        cells = [cell for page in batch["ctc"] for cell in page]
+        cell_pred = ctc_greedy(ctc_logp)
+        pairs = [(p, "".join(CTC_ALPHABET[c - 1] for c in t)) for p, t in zip(cell_pred, cells) if t]
+        cer = lambda pairs: float(np.mean([character_error_rate(p, g, normalize=False) for p, g in pairs]))  # noqa
+        return {"eval_line_cer": cer(list(zip(line_pred, line_true))), "eval_cell_cer": cer(pairs)}
+
+    @torch.no_grad()
     def evaluate(self, net: nn.Module, step: int) -> dict[str, float]:
         """Held-out teacher-forced loss with the true and with swapped images (the gap says reading has
         started), plus greedy-decode precision on a few pages."""
         from optictx.eval.metrics import normalized_edit_distance, ocr_precision_recall
 
         net = getattr(net, "module", net)
+        if self.cfg.stage == "encoder":
+            return self.evaluate_encoder(net)
         was_training = net.training
         net.eval()
         pages = self.eval_pages()
@@ -288,6 +319,19 @@ class OCRTask:
         # precision alone rewards short guesses; recall and edit distance show whether the page was read
         return {"eval_loss": float(true_loss), "eval_swapped_loss": float(swap_loss),
                 "gap": float(swap_loss - true_loss), "eval_precision": p, "eval_recall": r, "eval_ned": ned}
+
+
+def ctc_greedy(logp: torch.Tensor) -> list[str]:
+    """Best-path CTC decoding of [frames, N, C] log-probs into N strings."""
+    out = []
+    for seq in logp.argmax(-1).T.tolist():
+        chars, prev = [], 0
+        for s in seq:
+            if s != prev and s != 0:
+                chars.append(CTC_ALPHABET[s - 1])
+            prev = s
+        out.append("".join(chars))
+    return out
 
 
 def head_attention_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
