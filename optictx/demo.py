@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(result.text)
     console.print(f"\nprecision {100 * precision:.1f}%  recall {100 * recall:.1f}%  edit distance {ned:.3f}  "
                   f"compression {n_text / budget.vision_tokens:.1f}x  ({result.timings.total_s:.1f} s)")
+    # The control every figure needs: the same target read from another page's pixels. A model that only
+    # guesses from its language prior scores the same here as above.
+    other = render_page(heldout_text(random.Random(8), 420), font_size, side, side // 64)
+    control = ocr(other.image).text
+    cp, cr = ocr_precision_recall(control, page.text)
+    console.print(f"control (decoded from a different page's image): precision {100 * cp:.1f}%  "
+                  f"recall {100 * cr:.1f}%  edit distance {normalized_edit_distance(control, page.text):.3f}")
     annotate(page.image, ["ocr-tiny read:", result.text,
                           f"precision {100 * precision:.1f}%  edit distance {ned:.3f}  "
                           f"{budget.vision_tokens} vision tokens for {n_text} text tokens "
