@@ -65,13 +65,20 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
         "extra": extra or {},
     }
     (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    for f in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
+        _fsync_file(f)
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # rename first: a kill during rmtree must never leave a half-deleted folder that still looks complete
+        doomed = old.with_name(f".del-{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for stale in root.glob(".del-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -128,6 +135,11 @@ def _encode_random_state(s: tuple) -> list:
 def _decode_random_state(s: list) -> tuple:
     version, internal, gauss = s
     return (version, tuple(internal), gauss)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
