@@ -205,21 +205,25 @@ def test_grounding_auxiliaries_targets_and_gradients(micro_folder):
     answer = "<|point|>[[900,900],[100,500]]<|/point|>"
     head = 20
     targets = pointer_targets(tok, answer, head, pixels, cfg)
-    assert [slot for _, slot in targets] == [8, 2]  # (2,2) -> last slot; (row 1, col 0) -> slot 2
+    assert [slot for _, slot, _, _ in targets] == [8, 2]  # (2,2) -> last slot; (row 1, col 0) -> slot 2
+    assert [(x, y) for _, _, x, y in targets] == [(900 / 999, 900 / 999), (100 / 999, 500 / 999)]
     starts = [a for a, _ in tok.hf.encode(answer, add_special_tokens=False).offsets]
-    for (q, _), digit_at in zip(targets, (answer.index("900"), answer.index("100"))):
+    for (q, _, _, _), digit_at in zip(targets, (answer.index("900"), answer.index("100"))):
         assert starts[q - head + 1] == digit_at  # the next token starts the group's first number
 
     mixture = Mixture({"pointing": 1}, scene={"side": 126, "max_objects": 3, "max_count": 2, "zero_prob": 0.0})
-    task = PrimitivesSFTTask(tok, cfg, mixture, SFTConfig(batch_size=2, appearance_weight=1.0, pointer_weight=1.0))
+    task = PrimitivesSFTTask(tok, cfg, mixture, SFTConfig(batch_size=2, appearance_weight=1.0, pointer_weight=1.0,
+                                                           coord_weight=1.0))
     batch = task.batch(0, 0, 0, 1)
     assert len(batch["pointers"]) >= 2
     net = PrimitivesTrainModule(model).train()
     loss, parts = task.loss(net, batch, 0)
-    assert parts["appearance"] > 0 and parts["pointer"] > 0
-    assert parts["loss"] == pytest.approx(parts["lm"] + parts["appearance"] + parts["pointer"], rel=1e-5)
+    assert parts["appearance"] > 0 and parts["pointer"] > 0 and parts["coord"] > 0
+    assert parts["loss"] == pytest.approx(parts["lm"] + parts["appearance"] + parts["pointer"] + parts["coord"],
+                                          rel=1e-5)
     loss.backward()
-    for p in (net.appearance.weight, net.ptr_q.weight, net.ptr_k.weight, model.vision.vit.patch_embed.weight):
+    for p in (net.appearance.weight, net.ptr_q.weight, net.ptr_k.weight, net.coord.weight,
+              model.vision.vit.patch_embed.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
     model.zero_grad()
 

@@ -152,7 +152,7 @@ def collate(tok: Tokenizer, examples: Sequence[tuple[torch.Tensor, str, str]], c
     ``pointers``: also list, per cited coordinate group of each answer, (row, query position, image slot) for
     the pointer auxiliary (see :class:`PrimitivesTrainModule`).
     """
-    ids, labels, pix, ptr = [], [], [], []
+    ids, labels, pix, ptr, xy = [], [], [], [], []
     for row, (pixels, prompt, answer) in enumerate(examples):
         i, lab = encode_example(tok, pixels, prompt, answer, cfg)
         ids.append(i[:max_len])
@@ -160,12 +160,16 @@ def collate(tok: Tokenizer, examples: Sequence[tuple[torch.Tensor, str, str]], c
         pix.append(pixels)
         if pointers:
             head = len(i) - len(tok.encode(answer)) - 1
-            ptr += [(row, q, slot) for q, slot in pointer_targets(tok, answer, head, pixels, cfg) if q < max_len]
+            for q, slot, x, y in pointer_targets(tok, answer, head, pixels, cfg):
+                if q < max_len:
+                    ptr.append((row, q, slot))
+                    xy.append((x, y))
     t = max(map(len, ids))
     pad = lambda rows, v: torch.tensor([r + [v] * (t - len(r)) for r in rows])  # noqa: E731
     batch = {"input_ids": pad(ids, tok.pad_id), "labels": pad(labels, -100), "pixel_values": pix}
     if pointers:
         batch["pointers"] = torch.tensor(ptr, dtype=torch.long).reshape(-1, 3)
+        batch["pointer_xy"] = torch.tensor(xy, dtype=torch.float32).reshape(-1, 2)
     return batch
 
 
@@ -186,9 +190,10 @@ def slot_order(pixels: torch.Tensor, cfg) -> tuple[int, int, torch.Tensor]:
     return hh, ww, inverse
 
 
-def pointer_targets(tok: Tokenizer, answer: str, head_len: int, pixels: torch.Tensor, cfg) -> list[tuple[int, int]]:
+def pointer_targets(tok: Tokenizer, answer: str, head_len: int, pixels: torch.Tensor, cfg
+                    ) -> list[tuple[int, int, float, float]]:
     """For each ``[x,y]`` / ``[x1,y1,x2,y2]`` in a gold answer: (the position whose next token is the group's
-    first digit, the image slot holding the point / box centre)."""
+    first digit, the image slot holding the point / box centre, and that point's x, y in 0..1)."""
     hh, ww, inverse = slot_order(pixels, cfg)
     starts = [a for a, _ in tok.hf.encode(answer, add_special_tokens=False).offsets]
     out = []
@@ -198,7 +203,7 @@ def pointer_targets(tok: Tokenizer, answer: str, head_len: int, pixels: torch.Te
         col, row = min(ww - 1, int(x / 999 * ww)), min(hh - 1, int(y / 999 * hh))
         t = bisect.bisect_right(starts, m.start(1)) - 1  # the token holding the first digit
         if t >= 1:
-            out.append((head_len + t - 1, int(inverse[row * ww + col])))
+            out.append((head_len + t - 1, int(inverse[row * ww + col]), x / 999, y / 999))
     return out
 
 
@@ -232,7 +237,9 @@ class PrimitivesTrainModule(nn.Module):
       carry what their 42×42 px cell shows (cf. the OCR task's CTC head);
     * pointer: at the position that writes a coordinate group, a query projection of the decoder state must
       pick, among the image tokens' states, the one whose cell holds that point or box centre (cross-entropy;
-      cf. the OCR task's guided attention, but on hidden states, so it works for MLA, CSA and MHA alike).
+      cf. the OCR task's guided attention, but on hidden states, so it works for MLA, CSA and MHA alike);
+    * coordinates: that same state must hold the point's (x, y) linearly (MSE), which only attending to the
+      right image token (and its frame stamp) can give; the LM head then spells it as digits.
     """
 
     def __init__(self, model: nn.Module, ptr_dim: int = 64):
@@ -242,6 +249,7 @@ class PrimitivesTrainModule(nn.Module):
         self.appearance = nn.Linear(d, 3 * m * m)
         self.ptr_q = nn.Linear(d, ptr_dim)
         self.ptr_k = nn.Linear(d, ptr_dim)
+        self.coord = nn.Linear(d, 2)
 
     @property
     def config(self):
@@ -276,6 +284,13 @@ class PrimitivesTrainModule(nn.Module):
             logits = queries @ keys.T / keys.shape[-1] ** 0.5
             losses.append(F.cross_entropy(logits.float(), mine[:, 2], reduction="sum"))
         return torch.stack(losses).sum() / len(pointers)
+
+    def coord_loss(self, hidden: torch.Tensor, pointers: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        """The state that writes a coordinate group must hold the point's (x, y) linearly (MSE in 0..1 units)."""
+        if len(pointers) == 0:
+            return hidden.sum() * 0
+        pred = self.coord(hidden[pointers[:, 0], pointers[:, 1]]).float()
+        return F.mse_loss(torch.sigmoid(pred), xy.to(pred))
 
 
 def tokenizer_texts(mixture: Mixture, seed: int, n: int) -> list[str]:
@@ -352,8 +367,9 @@ class SFTConfig:
     eval_decode: int = 8  # greedy decodes scored with the rewards
     eval_seed: int = 1_000_003  # held-out seed range: never used for training
     max_new_tokens: int = 320
-    appearance_weight: float = 0.0  # > 0 (or pointer_weight > 0): train through PrimitivesTrainModule
+    appearance_weight: float = 0.0  # any auxiliary weight > 0: train through PrimitivesTrainModule
     pointer_weight: float = 0.0
+    coord_weight: float = 0.0
 
 
 @dataclass
@@ -404,12 +420,12 @@ class PrimitivesSFTTask:
         else:
             idx = [base + i for i in range(bs)]
         # pointer targets come from gold coordinates only (an RFT record's coordinates may be wrong)
-        pointers = self.cfg.pointer_weight > 0 and self.records is None
+        pointers = (self.cfg.pointer_weight > 0 or self.cfg.coord_weight > 0) and self.records is None
         return collate(self.tok, [self.example(i) for i in idx], self.model_cfg, self.cfg.max_len, pointers)
 
     @property
     def auxiliary(self) -> bool:
-        return self.cfg.appearance_weight > 0 or self.cfg.pointer_weight > 0
+        return self.cfg.appearance_weight > 0 or self.cfg.pointer_weight > 0 or self.cfg.coord_weight > 0
 
     def loss(self, net: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = net(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"])
@@ -424,6 +440,10 @@ class PrimitivesSFTTask:
             ptr = heads.pointer_loss(out.hidden, batch["input_ids"], batch["pointers"], self.model_cfg.image_token_id)
             total = total + self.cfg.pointer_weight * ptr
             parts["pointer"] = float(ptr.detach())
+        if self.cfg.coord_weight > 0 and "pointers" in batch:
+            coord = heads.coord_loss(out.hidden, batch["pointers"], batch["pointer_xy"])
+            total = total + self.cfg.coord_weight * coord
+            parts["coord"] = float(coord.detach())
         parts["loss"] = float(total.detach())
         return total, parts
 
