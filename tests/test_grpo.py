@@ -98,10 +98,11 @@ def test_rollout_batch_supervises_completions_and_eos(micro):
     (g,) = rollouts(model, tok, [mixture.sample(0, 0)], 2, max_new_tokens=5, temperature=1.0, seed=3)
     assert len(g.texts) == 2 and all(1 <= len(t) <= 5 for t in g.token_ids)
     b = grpo.rollout_batch(tok, [g], max_len=1000)
-    for row, toks in enumerate(g.token_ids):
+    for row, (toks, stopped) in enumerate(zip(g.token_ids, g.stopped)):
         lab = b["labels"][row]
         sup = lab[lab != -100].tolist()
-        assert sup == toks + [tok.eos_id]
+        assert sup == toks + ([tok.eos_id] if stopped else [])  # EOS only where the policy sampled it
+        assert stopped == (len(toks) < 5)
         assert (b["input_ids"][row, : len(g.prompt)] == torch.tensor(g.prompt)).all()
     again = rollouts(model, tok, [mixture.sample(0, 0)], 2, max_new_tokens=5, temperature=1.0, seed=3)
     assert again[0].token_ids == g.token_ids  # seeded sampling: replayable rollouts

@@ -137,11 +137,14 @@ def load_pool(path: str | Path) -> list[PoolEntry]:
 
 
 def rollout_batch(tok: Tokenizer, groups: Sequence[Rollout], max_len: int) -> dict:
-    """Prompt + completion (+ EOS when it stopped there) sequences, right-padded; labels on completions only."""
+    """Prompt + completion (+ EOS when it stopped there) sequences, right-padded; labels on completions only.
+
+    Only tokens the policy sampled are scored: a completion cut by ``max_new_tokens`` gets no EOS.
+    """
     ids, labels, pix = [], [], []
     for g in groups:
-        for toks in g.token_ids:
-            body = list(toks) + [tok.eos_id]  # a completion cut by max_new_tokens still learns where to stop
+        for toks, stopped in zip(g.token_ids, g.stopped or [True] * len(g.token_ids)):
+            body = list(toks) + ([tok.eos_id] if stopped else [])
             seq = (g.prompt + body)[:max_len]
             lab = ([-100] * len(g.prompt) + body)[:max_len]
             ids.append(seq)

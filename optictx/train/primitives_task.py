@@ -312,6 +312,7 @@ class Rollout:
     token_ids: list[list[int]]
     prompt: list[int]
     pixels: torch.Tensor
+    stopped: list[bool] = field(default_factory=list)  # ended with EOS (else cut by max_new_tokens)
 
 
 @torch.no_grad()
@@ -351,6 +352,7 @@ def rollouts(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], n: int
                 ids = out.token_ids[j * n:(j + 1) * n]
                 items[k].token_ids.extend(ids)
                 items[k].texts.extend(tok.decode(t) for t in ids)
+                items[k].stopped.extend(r == "eos" for r in out.finish_reasons[j * n:(j + 1) * n])
     model.train(was_training)
     return items
 
