@@ -40,6 +40,18 @@ def test_recipe_checks_catch_mistakes_before_training():
         check_recipe(json.load(open(f)))
 
 
+def test_cap_steps_bounds_every_stage_without_touching_the_original():
+    from optictx.train.primitives_run import cap_steps
+
+    recipe = json.load(open("configs/primitives-tiny.json"))
+    capped = cap_steps(recipe, 5)
+    assert [s["train"]["max_steps"] for s in capped["stages"]] == [5] * len(recipe["stages"])
+    assert recipe["stages"][0]["train"]["max_steps"] == 2000
+    assert cap_steps({"stages": [{"train": {"max_steps": 3}}]}, 5)["stages"][0]["train"]["max_steps"] == 3
+    with pytest.raises(ConfigError):
+        cap_steps(recipe, 0)
+
+
 def test_mixture_draws_are_deterministic_and_follow_the_weights():
     mix = Mixture({"counting": 3, "general": 1}, modes={"trigger": 1, "auto": 1})
     draws = [mix.draw(0, i) for i in range(400)]

@@ -263,16 +263,15 @@ def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = Non
     """Run (or resume) the recipe's stages in order, then the stage-table evaluation if the recipe has "eval".
 
     ``stages`` restricts the run to those names (their inputs must already be done); ``max_steps`` caps every
-    stage's ``train.max_steps`` (quick trials of a long recipe). Returns {stage: last logged metrics}
+    stage's ``train.max_steps`` (quick trials of a long recipe; a top-level ``"train": {"max_steps": N}``, as
+    ``optictx train --max-steps N`` writes it, means the same). Returns {stage: last logged metrics}
     (+ "eval": {stage: metrics}).
     """
     out = Path(out)
     all_stages = check_recipe(recipe)
+    max_steps = max_steps if max_steps is not None else recipe.get("train", {}).get("max_steps")
     if max_steps is not None:
-        recipe = json.loads(json.dumps(recipe))
-        for st in recipe["stages"]:
-            train_cfg = st.setdefault("train", {})
-            train_cfg["max_steps"] = min(int(train_cfg.get("max_steps", max_steps)), max_steps)
+        recipe = cap_steps(recipe, max_steps)
         all_stages = recipe["stages"]
     _, world = init_distributed()
     if world > 1:
@@ -281,6 +280,17 @@ def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = Non
         return _run(recipe, out, all_stages, stages)
 
 
+
+
+def cap_steps(recipe: dict, max_steps: int) -> dict:
+    """A copy of the recipe whose every stage trains at most ``max_steps`` steps."""
+    if max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
+    recipe = json.loads(json.dumps(recipe))
+    for st in recipe["stages"]:
+        train_cfg = st.setdefault("train", {})
+        train_cfg["max_steps"] = min(int(train_cfg.get("max_steps", max_steps)), int(max_steps))
+    return recipe
 
 
 def _run(recipe: dict, out: Path, all_stages: list[dict], stages: list[str] | None) -> dict:
