@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/python -m optictx.demo
 
 test: setup
-	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow

@@ -191,6 +191,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, param_groups=Non
             net.eval()
             with torch.no_grad():
                 logs.update(task.evaluate(model, done) if rank == 0 else {})
+            logs["step"] = done  # an eval step is always written, even between log steps
             net.train()
         if rank == 0 and logs.get("step") == done:
             _append_csv(metrics_path, logs)
