@@ -134,6 +134,8 @@ class OPDTask:
         mask = batch["labels"][:, 1:] != -100
         student = net(**inputs).logits[:, :-1]
         with torch.no_grad():
+            for t in self.teachers:  # follow the student if the loop moved it to a GPU
+                t.model.to(student.device)
             teachers = [t.model(**inputs).logits[:, :-1] for t in self.teachers]
         loss = opd_loss(student, teachers, batch["weights"], mask)
         return loss, {"loss": float(loss.detach()), "tokens": float(mask.sum())}

@@ -209,8 +209,11 @@ class GRPOTask:
         rewards = torch.tensor([[r.total for r in row] for row in scored])
         correct = torch.tensor([[r.correct for r in row] for row in scored])
         batch = rollout_batch(self.tok, groups, cfg.max_len)
+        device = next(self.policy.parameters()).device  # the loop may have moved the policy to a GPU
+        self.reference.to(device)
         with torch.no_grad():
-            batch["ref_logp"] = completion_logprobs(self.reference, batch)
+            batch["ref_logp"] = completion_logprobs(self.reference, {k: v.to(device) if torch.is_tensor(v) else v
+                                                                     for k, v in batch.items()})
         batch["advantages"] = group_advantages(rewards).reshape(-1)
         batch["stats"] = {"reward": float(rewards.mean()), "correct": float(correct.float().mean()),
                           "normal": float(normal_mask(correct).float().mean()),
