@@ -32,17 +32,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused kernel; in fp32 there is no cast, so it is the same arithmetic (bit-identical)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- RoPE
+# (dim, theta, device) -> (cos, signed sin) fp32 [size, dim]
 _ROPE_TABLES: dict[tuple[int, float, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin) [B|1, 1, T, D] in the activation dtype
 
 
 def rope_table(dim: int, theta: float, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``(cos, sin)`` of shape [>=length, dim] in the Llama layout (frequencies repeated twice).
+    """fp32 ``(cos, sin)`` of shape [>=length, dim] in the Llama layout (frequencies repeated twice), with the
+    first half of ``sin`` negated, so ``rotate_half(x) * sin == x.roll(dim/2) * signed_sin`` in one op.
 
     Kept in a module-level cache rather than a buffer: every layer shares one table, it is never part of a
     state dict, and a model built on the ``meta`` device gets a real table on first use instead of a
@@ -53,24 +60,41 @@ def rope_table(dim: int, theta: float, length: int, device: torch.device) -> tup
     if cached is not None and cached[0].shape[0] >= length:
         return cached
     size = max(1024, 1 << max(0, length - 1).bit_length())
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    freqs = torch.outer(torch.arange(size, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    _ROPE_TABLES[key] = (emb.cos(), emb.sin())
+    # a normal tensor even when first built under inference_mode: training later slices it and saves the
+    # slice for backward, which an inference tensor refuses
+    with torch.inference_mode(False), torch.no_grad():
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+        freqs = torch.outer(torch.arange(size, device=device, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        sin = emb.sin()
+        sin[:, : dim // 2].neg_()  # negation is exact: (-x2)·s == x2·(-s) bit for bit
+        _ROPE_TABLES[key] = (emb.cos(), sin)
     return _ROPE_TABLES[key]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def rope_at(position_ids: torch.Tensor, dim: int, theta: float, dtype: torch.dtype) -> Rope:
+    """``(cos, signed sin)`` [B, 1, T, D] for arbitrary ``position_ids [B, T]`` (e.g. left-padded rows)."""
+    cos, sin = rope_table(dim, theta, int(position_ids.max()) + 1, position_ids.device)
+    return cos[position_ids].unsqueeze(1).to(dtype), sin[position_ids].unsqueeze(1).to(dtype)
+
+
+def rope_span(start: int, t: int, dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> Rope:
+    """``(cos, signed sin)`` [1, 1, T, D] for positions ``start..start+t-1``: a table slice, no index op and
+    no device sync (the decode step knows its position as a Python int)."""
+    cos, sin = rope_table(dim, theta, start + t, device)
+    return cos[None, None, start : start + t].to(dtype), sin[None, None, start : start + t].to(dtype)
+
+
+def rope_rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Llama's ``x * cos + rotate_half(x) * sin`` (rotate_half(x) = [-x2, x1]) with the signed-sin table:
+    the same products and sums, two ops fewer."""
+    cos, sin = rope
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate ``x [B, H, T, D]`` by the angles of ``position_ids [B, T]`` (NeoX/Llama rotate-half)."""
-    cos, sin = rope_table(x.shape[-1], theta, int(position_ids.max()) + 1, x.device)
-    cos = cos[position_ids].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
-    sin = sin[position_ids].unsqueeze(1).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return rope_rotate(x, rope_at(position_ids, x.shape[-1], theta, x.dtype))
 
 
 # --------------------------------------------------------------------------- masks
@@ -95,6 +119,69 @@ def attention_bias_mask(
     return mask
 
 
+# --------------------------------------------------------------------------- KV growth
+KV_CHUNK = 256  # spare positions reserved per growth: one copy of the cache every KV_CHUNK decode steps
+
+
+def append_kv(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([past, new], dim=2)`` for [B, H, S, D] caches, without copying ``past`` on every step.
+
+    Without autograd the result is a view ``buf[:, :, :S+t]`` of a buffer with spare room, so the next
+    append writes only its own positions (a decode step no longer reads and rewrites the whole cache). The
+    buffer records how far it is filled and only the view that ends there may write into it: a cache
+    forked at an earlier length (a copied ``cache.layers`` entry) gets a buffer of its own instead of
+    overwriting its sibling's positions. With autograd it is the plain ``cat`` (in-place writes would
+    invalidate tensors saved for backward).
+    """
+    if torch.is_grad_enabled() and (new.requires_grad or (past is not None and past.requires_grad)):
+        return new if past is None else torch.cat([past, new], dim=2)
+    s, t = (0 if past is None else past.shape[2]), new.shape[2]
+    buf = getattr(past, "_kv_buffer", None)
+    if buf is None or buf._kv_fill != s or buf.shape[2] < s + t:
+        grown = new.new_empty(*new.shape[:2], s + t + KV_CHUNK, new.shape[3])
+        if s:
+            grown[:, :, :s] = past
+        buf = grown
+    buf[:, :, s : s + t] = new
+    buf._kv_fill = s + t
+    out = buf[:, :, : s + t]
+    out._kv_buffer = buf
+    return out
+
+
+class FusedWeights:
+    """One GEMM for several linears that read the same input: a cached row-concatenation of their weights.
+
+    Every output element is the same dot product as in the separate GEMMs; with MKL the result is
+    bit-identical (tests/test_fast_paths.py checks it), except that a projection of <= 8 outputs may get
+    another kernel and differ in the last bit. Only for gradient-free calls: the copy is rebuilt whenever a
+    weight is replaced or changed in place (its data pointer or version counter moves), and it pins the
+    weights it was built from, so a freed pointer cannot come back looking unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._pinned: tuple[torch.Tensor, ...] = ()
+        self._weight: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> torch.Tensor:
+        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        if any(p.is_inference() for p in params):  # no version counter to watch: concatenate every call
+            return F.linear(x, *_concat(layers))
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if key != self._key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference
+                self._weight, self._bias = _concat(layers)
+            self._key, self._pinned = key, tuple(p.detach() for p in params)
+        return F.linear(x, self._weight, self._bias)
+
+
+def _concat(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([layer.weight for layer in layers])
+    return weight, (torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None)
+
+
 class MHAttention(nn.Module):
     """Multi-head attention with optional grouped KV heads; cache entry is ``(k, v)`` [B, H_kv, S, D]."""
 
@@ -110,6 +197,7 @@ class MHAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+        self._fused = FusedWeights()  # inference-time q|k|v weight copy (not a parameter, not in state_dict)
 
     def forward(
         self,
@@ -118,22 +206,36 @@ class MHAttention(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
         attention_mask: torch.Tensor | None = None,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
+        """``rope``: the model's ``rope_span``/``rope_at`` for ``position_ids``, computed once for all layers."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, position_ids, self.rope_theta)
-        k = apply_rope(k, position_ids, self.rope_theta)
+        h, hkv = self.n_heads, self.n_kv_heads
+        if rope is None:
+            rope = rope_at(position_ids, self.head_dim, self.rope_theta, x.dtype)
+        qkv = self._qkv(x).view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)  # [B, H + 2·H_kv, T, D]
+        qk = rope_rotate(qkv[:, : h + hkv], rope)  # q and k rotated together: one set of RoPE ops
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv :]
         if cache is not None:
-            past = cache.layers[layer_idx]
-            if past is not None:
-                k = torch.cat([past[0], k], dim=2)
-                v = torch.cat([past[1], v], dim=2)
+            past_k, past_v = cache.layers[layer_idx] or (None, None)
+            k, v = append_kv(past_k, k), append_kv(past_v, v)
             cache.layers[layer_idx] = (k, v)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask = attention_bias_mask(t, k.shape[2], attention_mask, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return _linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, (H + 2·H_kv)·D]: q, k, v projections side by side. With autograd the three GEMMs run
+        (gradients stay exactly those of separate layers); without, one GEMM over the fused weights."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if torch.is_grad_enabled():
+            return torch.cat([_linear(layer, x) for layer in layers], dim=-1)
+        return self._fused(x, layers)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` without the module dispatch (a decode step makes ~50 of these calls)."""
+    return F.linear(x, layer.weight, layer.bias)

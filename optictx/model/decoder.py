@@ -14,7 +14,7 @@ from torch import nn
 
 from optictx.config import DeepseekV2Config
 from optictx.errors import ConfigError, GenerationError
-from optictx.model.attention import MHAttention, RMSNorm
+from optictx.model.attention import MHAttention, RMSNorm, Rope, rope_at, rope_span
 from optictx.model.cache import KVCache
 from optictx.model.moe import MLP, MoE
 
@@ -36,8 +36,9 @@ class DecoderLayer(nn.Module):
         position_ids: torch.Tensor,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, cache, self.layer_idx, attention_mask)
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, cache, self.layer_idx, attention_mask, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -87,10 +88,16 @@ class DeepseekV2Model(nn.Module):
             raise GenerationError(
                 f"attention_mask must be [batch, cached + new] = [{b}, {past + t}], got {list(attention_mask.shape)}"
             )
-        if position_ids is None:
-            position_ids = default_position_ids(t, past, attention_mask, h.device)
+        attn = self.layers[0].self_attn  # every layer shares head_dim and theta: RoPE angles once per forward
+        if position_ids is None and attention_mask is None:  # positions past..past+t-1: a table slice
+            rope = rope_span(past, t, attn.head_dim, attn.rope_theta, h.device, h.dtype)
+            position_ids = default_position_ids(t, past, None, h.device)
+        else:
+            if position_ids is None:
+                position_ids = default_position_ids(t, past, attention_mask, h.device)
+            rope = rope_at(position_ids, attn.head_dim, attn.rope_theta, h.dtype)
         for layer in self.layers:
-            h = layer(h, position_ids, cache, attention_mask)
+            h = layer(h, position_ids, cache, attention_mask, rope)
         if cache is not None:
             cache.seen += t
         return self.norm(h)
