@@ -136,3 +136,24 @@ def test_encoder_stage_trains_without_decoder_and_reports_cer(tmp_path):
     assert "lm" not in rows[-1]  # the decoder never ran
     assert 0.0 <= float(rows[-1]["eval_line_cer"]) and 0.0 <= float(rows[-1]["eval_cell_cer"])
     assert float(rows[-1]["line_ctc"]) > 0
+
+
+def test_patch_embedding_gradient_is_exact():
+    """Canary for the oneDNN bug: the SAM-style 16x16/16 patch embedding's weight gradient must match float64
+    once the training loop has configured the CPU backends (it was off by ~100% with oneDNN on)."""
+    from optictx.train.loop import configure_cpu_backends
+
+    enabled = torch.backends.mkldnn.enabled
+    try:
+        configure_cpu_backends()
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 192, 16, 16)
+        x, g = torch.randn(8, 3, 256, 256), torch.randn(8, 192, 16, 16)
+        (conv(x) * g).sum().backward()
+        ref = torch.nn.Conv2d(3, 192, 16, 16).double()
+        ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+        (ref(x.double()) * g.double()).sum().backward()
+        err = (conv.weight.grad.double() - ref.weight.grad).abs().max() / ref.weight.grad.abs().max()
+        assert err < 1e-5
+    finally:
+        torch.backends.mkldnn.enabled = enabled
