@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="instead of training, export the latest checkpoint of RUN as a model folder (--to)")
     p.add_argument("--to", default=None, help="destination folder for --export")
     p.add_argument("--dtype", default="bfloat16", help="dtype of exported weights (bfloat16 keeps them small)")
+    p.add_argument("--stage", default="opd", help="for a primitives run: which stage to export (default opd)")
     p.set_defaults(func=run)
 
 
@@ -43,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.to:
             raise ConfigError("--export needs --to DIR")
-        path = export_run(args.export, args.to, dtype=args.dtype)
+        run_recipe = Path(args.export) / "recipe.json"
+        if run_recipe.is_file() and load_recipe(run_recipe).get("task") == "primitives":
+            from optictx.train.primitives_run import export_stage
+
+            path = export_stage(args.export, args.stage, args.to, dtype=args.dtype)
+        else:
+            path = export_run(args.export, args.to, dtype=args.dtype)
         print(f"exported {args.export} -> {path}")
         return 0
     if not args.config:
@@ -57,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
         from optictx.train.ocr_run import run_ocr
 
         metrics = run_ocr(recipe, out)
+    elif task == "primitives":
+        from optictx.train.primitives_run import run_primitives
+
+        metrics = run_primitives(recipe, out)
     else:
-        raise ConfigError(f"unknown task {task!r} in {args.config}; expected 'ocr'")
+        raise ConfigError(f"unknown task {task!r} in {args.config}; expected 'ocr' or 'primitives'")
     print(json.dumps(metrics, indent=2))
     return 0
