@@ -121,3 +121,40 @@ def test_single_token_moe_keeps_router_gradients_in_eval_mode():
     moe = MoE(dataclasses.replace(ocr_tiny().language_config, hidden_size=32, moe_intermediate_size=16)).eval()
     moe(torch.randn(1, 32)).square().sum().backward()
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def _csa_layer(ratio: int, topk: int = 3):
+    from optictx.config import primitives_tiny
+    from optictx.model.csa import CompressedSparseAttention
+
+    torch.manual_seed(6)
+    cfg = dataclasses.replace(primitives_tiny(), hidden_size=48, num_attention_heads=2, q_lora_rank=16,
+                              qk_nope_head_dim=12, qk_rope_head_dim=4, sliding_window=5, index_n_heads=2,
+                              index_head_dim=8, index_topk=topk)
+    return CompressedSparseAttention(cfg, ratio)
+
+
+def test_in_place_rope_and_additive_masks_are_bitwise_the_plain_forms():
+    from optictx.model.csa import neg_inf_where, rope_last, rope_last_
+    from optictx.model.mla import rope_angles
+
+    torch.manual_seed(7)
+    x = torch.randn(2, 9, 3, 16)
+    cos, sin = rope_angles(torch.arange(9)[None].expand(2, 9), 4, 1e4)
+    for inverse in (False, True):
+        assert torch.equal(rope_last_(x.clone(), cos, sin, 4, inverse), rope_last(x, cos, sin, 4, inverse))
+    hidden = torch.rand(2, 9, 1, 16) < 0.3
+    assert torch.equal(x + neg_inf_where(hidden), x.masked_fill(hidden, float("-inf")))
+
+
+def test_indexer_selects_every_visible_entry_when_they_fit_in_top_k():
+    from optictx.model.csa import Visibility
+
+    layer = _csa_layer(4, topk=8)
+    x = torch.randn(1, 30, 48)  # 7 entries <= top-8: the indexer never scores
+    pos = torch.arange(30)[None]
+    with torch.no_grad():
+        keys, _ = layer.indexer.compressor(x, pos, 0)
+        chosen = layer.indexer.select(x, layer.q_norm(layer.wq_a(x)), pos, keys, Visibility(0, 4, None))
+    for t in range(30):
+        assert sorted(j for j in chosen[0, t].tolist() if j >= 0) == list(range((t + 1) // 4))

@@ -45,6 +45,15 @@ def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rd: int, in
     return torch.cat([x[..., :-rd], apply_rope_interleaved(x[..., -rd:], cos, sin, inverse)], dim=-1)
 
 
+def rope_last_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rd: int, inverse: bool = False) -> torch.Tensor:
+    """``rope_last`` writing the rotated tail into ``x`` (a fresh tensor of the caller's) instead of copying
+    every channel; the plain version under autograd."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return rope_last(x, cos, sin, rd, inverse)
+    x[..., -rd:] = apply_rope_interleaved(x[..., -rd:], cos, sin, inverse)
+    return x
+
+
 # --------------------------------------------------------------------------- compressor
 @dataclass
 class CompressorState:
@@ -116,7 +125,7 @@ class Compressor(nn.Module):
         # RoPE at the block's first position: the last token of every completed block is among the new ones.
         last = torch.arange(1, n + 1, device=x.device) * m - 1 - r
         cos, sin = rope_angles(position_ids.expand(b, t)[:, last] - (m - 1), self.rope_dim, self.rope_theta)
-        return rope_last(entries, cos, sin, self.rope_dim), new_state
+        return rope_last_(entries, cos, sin, self.rope_dim), new_state
 
 
 def entry_visibility(n_entries: int, query_slots: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -158,8 +167,8 @@ class Visibility:
         n = scores.shape[-1]
         lo = 0 if self.valid is not None else min(n, (self.start + s + 1) // self.ratio)
         if lo < n:
-            hidden = ~self.mask(s, e, lo, n, scores.device)
-            scores[..., lo:].masked_fill_(hidden[:, :, None, :] if scores.dim() == 4 else hidden, float("-inf"))
+            bias = neg_inf_where(~self.mask(s, e, lo, n, scores.device))
+            scores[..., lo:].add_(bias[:, :, None, :] if scores.dim() == 4 else bias)
         return scores
 
 
@@ -185,25 +194,39 @@ class LightningIndexer(nn.Module):
     def select(
         self, x: torch.Tensor, qr: torch.Tensor, position_ids: torch.Tensor, keys: torch.Tensor, vis: Visibility
     ) -> torch.Tensor:
-        """Top-k entry indices [B, T, min(k, N)] per query; -1 where fewer than k entries are visible."""
+        """Top-k entry indices [B, T, min(k, N)] per query; -1 where fewer than k entries are visible.
+
+        A chunk of queries that sees at most k entries selects all of them (ascending), unscored: exactly
+        the top-k set, at no cost. Short contexts and their decode steps never run the indexer's GEMM.
+        """
         b, t, _ = x.shape
         k = min(self.topk, keys.shape[1])
-        if k == 0:
-            return torch.empty(b, t, 0, dtype=torch.long, device=x.device)
-        cos, sin = rope_angles(position_ids.expand(b, t), self.rope_dim, self.rope_theta)
-        q = rope_last(self.wq_b(qr).view(b, t, self.n_heads, self.head_dim), cos, sin, self.rope_dim)
-        w = self.weights_proj(x).float() * self.scale  # [B, T, H_I]
         out = torch.full((b, t, k), -1, dtype=torch.long, device=x.device)
+        if vis.horizon(t) <= k:
+            return self._all_visible(out, vis, 0, t)
+        cos, sin = rope_angles(position_ids.expand(b, t), self.rope_dim, self.rope_theta)
+        q = rope_last_(self.wq_b(qr).view(b, t, self.n_heads, self.head_dim), cos, sin, self.rope_dim)
+        w = self.weights_proj(x).float() * self.scale  # [B, T, H_I]
         for s in range(0, t, INDEX_CHUNK):
             e = min(t, s + INDEX_CHUNK)
             n = vis.horizon(e)  # score only the prefix some query of the chunk can see
-            if n == 0:
+            if n <= k:
+                self._all_visible(out, vis, s, e)
                 continue
             qc = q[:, s:e].reshape(b, -1, self.head_dim)  # [B, c·H_I, d]: one GEMM against the keys
             logits = (qc @ keys[:, :n].transpose(1, 2)).float().relu_().view(b, e - s, self.n_heads, n)
             score = vis.hide_((w[:, s:e, None, :] @ logits).squeeze(2), s, e)  # Σ_h w·ReLU(q·k): [B, c, n]
-            top = score.topk(min(k, n), dim=-1, sorted=False)
-            out[:, s:e, : top.indices.shape[-1]] = torch.where(top.values > float("-inf"), top.indices, -1)
+            top = score.topk(k, dim=-1, sorted=False)
+            out[:, s:e] = torch.where(top.values > float("-inf"), top.indices, -1)
+        return out
+
+    @staticmethod
+    def _all_visible(out: torch.Tensor, vis: Visibility, s: int, e: int) -> torch.Tensor:
+        """Queries s..e-1 see at most ``out.shape[-1]`` entries: select every visible one (-1 elsewhere)."""
+        n = min(vis.horizon(e), out.shape[-1])
+        if n:
+            index = torch.arange(n, device=out.device)
+            out[:, s:e, :n] = torch.where(vis.mask(s, e, 0, n, out.device), index, -1)
         return out
 
 
@@ -228,13 +251,12 @@ def sparse_attention(
     """
     b, t, h, d = q.shape
     n_past = raw.shape[1] - t
-    q = q * scale  # scores come out scaled; the sink logit stays unscaled (as V4)
     flat = entries.reshape(-1, d) if entries is not None else None
     row_offset = torch.arange(b, device=q.device)[:, None, None] * (entries.shape[1] if entries is not None else 0)
     out = []
     for s in range(0, t, QUERY_CHUNK):
         e = min(t, s + QUERY_CHUNK)
-        qc = q[:, s:e]
+        qc = q[:, s:e] * scale  # scores come out scaled; the sink logit stays unscaled (as V4)
         lo, hi = max(0, n_past + s - window + 1), n_past + e
         keys = raw[:, lo:hi]  # the chunk's window: one contiguous slice
         i = torch.arange(n_past + s, hi, device=q.device)[:, None]
@@ -242,37 +264,55 @@ def sparse_attention(
         allowed = ((j <= i) & (j > i - window))[None]  # [1, c, L]
         if raw_valid is not None:
             allowed = allowed & raw_valid[:, None, lo:hi]
-        scores = torch.einsum("bchd,bld->bchl", qc, keys).float().masked_fill_(~allowed[:, :, None], float("-inf"))
-        parts = [(scores, keys, "bchl,bld->bchd")]
+        scores = _scores_shared(qc, keys).add_(neg_inf_where(~allowed)[:, :, None])
+        parts = [(scores, keys)]
         if entries is not None and selected is not None:  # CSA: gather the top-k entries of each query
             sel = selected[:, s:e]
             picked = flat.index_select(0, (sel.clamp(min=0) + row_offset).flatten()).view(*sel.shape, d)
-            sc = torch.einsum("bchd,bckd->bchk", qc, picked).float()
-            parts.append((sc.masked_fill_((sel < 0)[:, :, None, :], float("-inf")), picked, "bchk,bckd->bchd"))
+            sc = torch.matmul(qc, picked.transpose(-1, -2)).float()  # [B, c, H, K]
+            parts.append((sc.add_(neg_inf_where(sel < 0)[:, :, None]), picked))
         elif entries is not None and vis is not None:  # HCA: every visible entry (a short prefix)
             picked = entries[:, : vis.horizon(e)]
-            sc = vis.hide_(torch.einsum("bchd,bnd->bchn", qc, picked).float(), s, e)
-            parts.append((sc, picked, "bchn,bnd->bchd"))
+            parts.append((vis.hide_(_scores_shared(qc, picked), s, e), picked))
         out.append(_softmax_attend(parts, sink, raw.dtype))
     return torch.cat(out, dim=1)
 
 
+def neg_inf_where(hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 0 where visible, -inf where ``hidden``. Adding it masks scores exactly (x + 0 == x); on the CPU a
+    broadcast add is several times cheaper than a broadcast ``masked_fill_``."""
+    return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
+
+
+def _scores_shared(qc: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """fp32 scores [B, c, H, L] of queries [B, c, H, D] against keys [B, L, D] shared by every query and
+    head: one GEMM over (c·H) rows."""
+    b, c, h, d = qc.shape
+    return torch.matmul(qc.reshape(b, c * h, d), keys.transpose(1, 2)).float().view(b, c, h, -1)
+
+
 def _softmax_attend(parts, sink: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Σ_parts softmax(scores ∪ {sink}) @ values, without concatenating the parts: one shared max, one
-    summed denominator; the sink only enlarges the denominator. In-place exp when no gradient is needed."""
-    parts = [(sc, v, eq) for sc, v, eq in parts if sc.shape[-1]]
+    summed denominator; the sink only enlarges the denominator. In-place exp when no gradient is needed.
+    Values are [B, L, D] shared by the chunk's queries (window, HCA) or [B, c, K, D] per query (CSA)."""
+    parts = [(sc, v) for sc, v in parts if sc.shape[-1]]
     m = sink.float().view(1, 1, -1).expand(parts[0][0].shape[:-1])
-    for sc, _, _ in parts:
+    for sc, _ in parts:
         m = torch.maximum(m, sc.amax(-1))
     denom = (sink.float().view(1, 1, -1) - m).exp()
     o = 0.0
-    for sc, v, eq in parts:
+    for sc, v in parts:
         if torch.is_grad_enabled() and sc.requires_grad:
             p = torch.exp(sc - m[..., None])  # amax above saved sc for backward
         else:
             p = sc.sub_(m[..., None]).exp_()
         denom = denom + p.sum(-1)
-        o = o + torch.einsum(eq, p.to(dtype), v)
+        p = p.to(dtype)
+        if v.dim() == 3:  # shared values: one GEMM over (c·H) rows
+            b, c, h, n = p.shape
+            o = o + torch.matmul(p.reshape(b, c * h, n), v).view(b, c, h, -1)
+        else:
+            o = o + torch.matmul(p, v)
     return o / denom[..., None].to(dtype)
 
 
@@ -339,9 +379,10 @@ class CompressedSparseAttention(nn.Module):
         cos, sin = rope_angles(position_ids, self.rope_dim, self.rope_theta)
         qr = self.q_norm(self.wq_a(x)) if self.q_lora_rank else x
         q = (self.wq_b(qr) if self.q_lora_rank else self.wq(qr)).view(b, t, self.n_heads, self.head_dim)
-        q = q * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.eps).to(q.dtype)  # weightless norm
-        q = rope_last(q, cos, sin, self.rope_dim)
-        kv = rope_last(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim)
+        inv_rms = torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.eps).to(q.dtype)  # weightless norm
+        q = q * inv_rms if torch.is_grad_enabled() else q.mul_(inv_rms)  # q is ours: no 2nd full-size copy
+        q = rope_last_(q, cos, sin, self.rope_dim)
+        kv = rope_last_(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim)
 
         raw = kv if state is None else torch.cat([state.window, kv], dim=1)
         raw_valid = None
@@ -353,7 +394,7 @@ class CompressedSparseAttention(nn.Module):
             entries, selected, vis = self._compressed(x, qr, position_ids, start, attention_mask, state, new_state)
         o = sparse_attention(q, raw, raw_valid, self.window, self.attn_sink, self.softmax_scale,
                              entries, selected, vis)
-        o = rope_last(o, cos, sin, self.rope_dim, inverse=True)  # values carried rotated rope channels
+        o = rope_last_(o, cos, sin, self.rope_dim, inverse=True)  # values carried rotated rope channels
         if cache is not None:
             cache.layers[layer_idx] = new_state
         return self._out(o)
