@@ -176,7 +176,7 @@ def ctc_targets(page: OCRPage, grid: int) -> list[list[int]]:
 
 
 class OCRTask:
-    def __init__(self, tok: Tokenizer, cfg: OCRTaskConfig, world_batch_offset: int = 0):
+    def __init__(self, tok: Tokenizer, cfg: OCRTaskConfig):
         self.tok, self.cfg = tok, cfg
         self.source = OCRPageSource(cfg.seed, cfg.page_size, cfg.grid)
         self.n_slots = cfg.grid * (cfg.grid + 1) + 1
