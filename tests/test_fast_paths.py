@@ -33,7 +33,20 @@ def test_rope_is_bitwise_the_llama_formula_and_span_equals_lookup():
     pos = torch.tensor([[0, 1, 2, 3, 4], [7, 9, 11, 300, 2000]])
     assert torch.equal(apply_rope(x, pos, 1e4), _llama_rope(x, pos, 1e4))
     span, lookup = rope_span(40, 5, 16, 1e4, x.device, x.dtype), rope_at(torch.arange(40, 45)[None], 16, 1e4, x.dtype)
-    assert all(torch.equal(a, b) for a, b in zip(span, lookup))
+    assert all(torch.equal(a, b[0, 0]) for a, b in zip(span, lookup))
+
+
+def test_fp32_rmsnorm_is_bitwise_the_official_formula():
+    from optictx.model.attention import RMSNorm
+
+    torch.manual_seed(8)
+    for dim in (7, 48, 256):
+        norm = RMSNorm(dim)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(3, 5, dim) * torch.rand(3, 5, 1) * 10
+        want = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+        assert torch.equal(norm(x), want)
 
 
 def test_append_kv_equals_cat_and_a_fork_never_overwrites_its_sibling():

@@ -32,19 +32,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # one fused kernel; in fp32 there is no cast, so it is the same arithmetic (bit-identical)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        weight = self.weight
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            # no casts in fp32, so the fused op is the same arithmetic (bit-identical) in one dispatch
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return weight * x32.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- RoPE
 # (dim, theta, device) -> (cos, signed sin) fp32 [size, dim]
 _ROPE_TABLES: dict[tuple[int, float, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin) [B|1, 1, T, D] in the activation dtype
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin) [B, 1, T, D] or [T, D], the activation dtype
 
 
 def rope_table(dim: int, theta: float, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +80,10 @@ def rope_at(position_ids: torch.Tensor, dim: int, theta: float, dtype: torch.dty
 
 
 def rope_span(start: int, t: int, dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> Rope:
-    """``(cos, signed sin)`` [1, 1, T, D] for positions ``start..start+t-1``: a table slice, no index op and
-    no device sync (the decode step knows its position as a Python int)."""
+    """``(cos, signed sin)`` [T, D] (broadcasts over batch and heads) for positions ``start..start+t-1``: a
+    table slice, no index op and no device sync (the decode step knows its position as a Python int)."""
     cos, sin = rope_table(dim, theta, start + t, device)
-    return cos[None, None, start : start + t].to(dtype), sin[None, None, start : start + t].to(dtype)
+    return cos.narrow(0, start, t).to(dtype), sin.narrow(0, start, t).to(dtype)
 
 
 def rope_rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -140,11 +141,11 @@ def append_kv(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     if buf is None or buf._kv_fill != s or buf.shape[2] < s + t:
         grown = new.new_empty(*new.shape[:2], s + t + KV_CHUNK, new.shape[3])
         if s:
-            grown[:, :, :s] = past
+            grown.narrow(2, 0, s).copy_(past)
         buf = grown
-    buf[:, :, s : s + t] = new
+    buf.narrow(2, s, t).copy_(new)
     buf._kv_fill = s + t
-    out = buf[:, :, : s + t]
+    out = buf.narrow(2, 0, s + t)
     out._kv_buffer = buf
     return out
 
@@ -210,12 +211,9 @@ class MHAttention(nn.Module):
     ) -> torch.Tensor:
         """``rope``: the model's ``rope_span``/``rope_at`` for ``position_ids``, computed once for all layers."""
         b, t, _ = x.shape
-        h, hkv = self.n_heads, self.n_kv_heads
         if rope is None:
             rope = rope_at(position_ids, self.head_dim, self.rope_theta, x.dtype)
-        qkv = self._qkv(x).view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)  # [B, H + 2·H_kv, T, D]
-        qk = rope_rotate(qkv[:, : h + hkv], rope)  # q and k rotated together: one set of RoPE ops
-        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv :]
+        q, k, v = self._project(x, rope)
         if cache is not None:
             past_k, past_v = cache.layers[layer_idx] or (None, None)
             k, v = append_kv(past_k, k), append_kv(past_v, v)
@@ -227,13 +225,19 @@ class MHAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
         return _linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, (H + 2·H_kv)·D]: q, k, v projections side by side. With autograd the three GEMMs run
-        (gradients stay exactly those of separate layers); without, one GEMM over the fused weights."""
-        layers = (self.q_proj, self.k_proj, self.v_proj)
+    def _project(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q [B, H, T, D], rotated k and v [B, H_kv, T, D]. With autograd: three GEMMs, exactly the
+        gradients of separate layers. Without: one GEMM over the fused weights, q and k rotated together."""
+        b, t, _ = x.shape
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         if torch.is_grad_enabled():
-            return torch.cat([_linear(layer, x) for layer in layers], dim=-1)
-        return self._fused(x, layers)
+            q, k, v = (_linear(layer, x).view(b, t, -1, d).transpose(1, 2)
+                       for layer in (self.q_proj, self.k_proj, self.v_proj))
+            return rope_rotate(q, rope), rope_rotate(k, rope), v
+        qkv = self._fused(x, (self.q_proj, self.k_proj, self.v_proj)).view(b, t, h + 2 * hkv, d).transpose(1, 2)
+        qk, v = qkv.split_with_sizes([h + hkv, hkv], dim=1)
+        q, k = rope_rotate(qk, rope).split_with_sizes([h, hkv], dim=1)
+        return q, k, v
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ class MoE(nn.Module):
             counts = torch.bincount(indices.reshape(-1), minlength=len(self.experts))
             routed = self._dispatch(x, weights, indices, counts)
         balance = self._balance_loss(counts, scores) if self.training else None
-        self.last_stats = RoutingStats(indices.detach(), len(self.experts), balance)
+        self.last_stats = RoutingStats(indices, len(self.experts), balance)  # integer: never carries a gradient
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x)
         return routed.view(shape)
@@ -155,10 +155,10 @@ class MoE(nn.Module):
         """One token (a decode step): its k experts in ascending id order, summed in fp32 — the exact
         arithmetic of ``_dispatch`` (whose stable sort and ``index_add`` add them in that order onto zero),
         without the sort, bincount and scatter."""
-        chosen = indices[0].tolist()
+        chosen, w = indices[0].tolist(), weights[0].unbind()
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if not chosen else None
         for j in sorted(range(len(chosen)), key=chosen.__getitem__):
-            y = self.experts[chosen[j]](x).float() * weights[0, j]
+            y = self.experts[chosen[j]](x).float() * w[j]
             out = y if out is None else out + y
         return out.to(x.dtype)
 
