@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from optictx.device import pick_dtype
 from optictx.train.ocr_run import build_model
-from optictx.train.ocr_task import OCRTask, OCRTaskConfig, OCRTrainModule
+from optictx.train.ocr_task import OCRTask, OCRTaskConfig, OCRTrainModule, ProbeSites
 from optictx.tokenizer import train_bpe
 from optictx.data.corpus import tokenizer_training_text
 
@@ -44,7 +44,7 @@ def main() -> None:
     model = model.to(dtype)
     cfg = OCRTaskConfig(batch_size=args.batch, curriculum_steps=1, full_lines=args.lines)
     task = OCRTask(tok, cfg)
-    net = OCRTrainModule(model, cfg.ctc_frames, cfg.line_ctc_sub).to(dtype)
+    net = OCRTrainModule(model, *ProbeSites.cells(cfg.page_size, cfg.grid)).to(dtype)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     batches = [task.batch(10 + i, 0, 0, 1) for i in range(args.steps + 1)]
 

@@ -53,14 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     side = ocr.mode.base_size
     budget = ocr_budget(side, side, ocr.mode)
     rng = random.Random(7)
-    font_size = 12
-    page = render_page(heldout_text(rng, 420), font_size, side, side // 64)
+    page = render_page(heldout_text(rng, 420), side, side // 64)
     page.image.save(out / "page.png")
     n_text = text_tokens(page.text)
     table = Table(title="Optical compression budget (one page)")
     for col in ("page", "vision tokens", "decoder slots", "text tokens (DeepSeek)", "compression"):
         table.add_column(col, justify="right")
-    table.add_row(f"{side}x{side}px, {font_size}px mono", str(budget.vision_tokens),
+    table.add_row(f"{side}x{side}px, {page.n_lines} lines", str(budget.vision_tokens),
                   str(budget.decoder_slots), str(n_text), f"{n_text / budget.vision_tokens:.1f}x")
     console.print(table)
     console.print("[bold]Ground truth (held-out text, never seen in training):[/bold]")
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"compression {n_text / budget.vision_tokens:.1f}x  ({result.timings.total_s:.1f} s)")
     # The control every figure needs: the same target read from another page's pixels. A model that only
     # guesses from its language prior scores the same here as above.
-    other = render_page(heldout_text(random.Random(8), 420), font_size, side, side // 64)
+    other = render_page(heldout_text(random.Random(8), 420), side, side // 64)
     control = ocr(other.image).text
     cp, cr = ocr_precision_recall(control, page.text)
     console.print(f"control (decoded from a different page's image): precision {100 * cp:.1f}%  "

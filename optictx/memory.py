@@ -43,6 +43,7 @@ TINY_MODEL_FONT = "tiny-model"
 """``font_family`` alias for the bundled model's pinned font file (resolved per machine)."""
 COUNTS = ("vision_tokens", "decoder_slots")
 FORMAT, VERSION = "optictx-memory", 1
+GRID = 0  # Level.font_size: the bundled model's typewriter grid (8 x 16 px cells) instead of free layout
 Reader = Callable[[Image.Image], Any]
 
 
@@ -50,7 +51,8 @@ Reader = Callable[[Image.Image], Any]
 @dataclass(frozen=True)
 class Level:
     """One step of the decay curve: a native mode, and either a font size (re-render the text at that
-    size on the mode's square page) or ``None`` (downsample the pages of the level above)."""
+    size on the mode's square page), ``GRID`` (render in the bundled model's grid layout, see
+    optictx.data.ocr_pages) or ``None`` (downsample the pages of the level above)."""
 
     mode: str
     font_size: int | None = None
@@ -113,6 +115,10 @@ class DecaySchedule:
     def font_px(self, level: int) -> float:
         """Font size in pixels of this level's pages (a downsampled page scales its source's font)."""
         src = self.levels[self.source(level)]
+        if src.font_size == GRID:
+            from optictx.data.ocr_pages import _grid_font
+
+            return _grid_font().size * self.levels[level].side / src.side
         return src.font_size * self.levels[level].side / src.side
 
     def age_level(self, age: int, scale: float = 1.0) -> int:
@@ -133,9 +139,17 @@ class DecaySchedule:
                 for i, lv in enumerate(self.levels)]
 
     @classmethod
-    def tiny(cls, by: str = "budget", min_age: Sequence[int] = (8, 32, 128), **kw) -> "DecaySchedule":
-        """For the bundled tiny model: 256-px pages (16 vision tokens) re-rendered at the font sizes it was
-        trained on, 16 -> 14 -> 12 -> 10 px (about 4.5x -> 12x text tokens per vision token)."""
+    def tiny(cls, **kw) -> "DecaySchedule":
+        """For the bundled tiny model: one level, 256-px grid pages (16 vision tokens, up to 512 characters),
+        the only layout it was trained to read. There is no cheaper mode to decay to, so under a tight
+        budget the oldest items are forgotten."""
+        kw.pop("min_age", None)
+        return cls((Level("nano", GRID),), (), **kw)
+
+    @classmethod
+    def mono(cls, by: str = "budget", min_age: Sequence[int] = (8, 32, 128), **kw) -> "DecaySchedule":
+        """Free-layout decay on 256-px pages (16 vision tokens): the text re-rendered at 16 -> 14 -> 12 -> 10 px
+        mono (about 4.5x -> 12x text tokens per vision token), for readers that read free layout."""
         return cls(tuple(Level("nano", f) for f in (16, 14, 12, 10)), tuple(min_age), by, **kw)
 
     @classmethod
@@ -329,7 +343,7 @@ class Passage:
 
 # --------------------------------------------------------------------------- the memory
 def tiny_page_style() -> PageStyle:
-    """How the bundled model's training pages look (optictx.data.ocr_pages.render_page), 256-px reference."""
+    """The free-layout look of the mono schedule (DejaVu Sans Mono, 256-px reference page)."""
     return PageStyle(width=256, height=256, margin=4, font_family=TINY_MODEL_FONT, font_size=10, line_spacing=1.15)
 
 
@@ -396,10 +410,19 @@ class OpticalMemory:
         margin = max(2, round(lv.side * base.margin / base.width))
         return base.with_(width=lv.side, height=lv.side, margin=margin, font_size=lv.font_size, font_family=font)
 
+    def _grid(self, level: int) -> bool:
+        return self.schedule.levels[self.schedule.source(level)].font_size == GRID
+
     def _n_pages(self, text: str, digest: str, source: int) -> int:
         key = (digest, source)
         if key not in self._pages_cache:
-            self._pages_cache[key] = count_pages(text, self.style(source))
+            if self._grid(source):
+                from optictx.data.ocr_pages import grid_lines, grid_shape
+
+                side = self.schedule.levels[source].side
+                self._pages_cache[key] = max(1, -(-len(grid_lines(text, side)) // grid_shape(side)[1]))
+            else:
+                self._pages_cache[key] = count_pages(text, self.style(source))
         return self._pages_cache[key]
 
     def _window_start(self, budget: int) -> int:
@@ -431,6 +454,11 @@ class OpticalMemory:
             if src != level:
                 side = self.schedule.levels[level].side
                 pages = [(im.resize((side, side), Image.Resampling.LANCZOS), t) for im, t in self._pages(item, src)]
+            elif self._grid(level):
+                from optictx.data.ocr_pages import render_grid_pages
+
+                side = self.schedule.levels[level].side
+                pages = [(p.image, p.text) for p in render_grid_pages(item.text, side, max(1, side // 64))]
             else:
                 pages = [(p.image, p.text) for p in render_text(item.text, self.style(level))]
             self._render_cache[key] = pages

@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +45,8 @@ def conversation(n_turns: int, words_per_turn: int = 45, fact_turn: int | None =
 
 
 def filled(turns, **kw) -> OpticalMemory:
+    """A memory with the multi-level free-layout schedule (decay mechanics need more than one level)."""
+    kw.setdefault("schedule", DecaySchedule.mono())
     m = OpticalMemory(**kw)
     for role, text in turns:
         m.add(role, text)
@@ -125,7 +129,7 @@ def test_schedule_validation_and_presets():
     assert [paper.font_px(i) for i in range(5)] == [20, 16, 10, 8, 4]
     assert [r["made_by"] for r in paper.describe()] == ["render"] + ["downsample L0"] * 4
     assert DecaySchedule(**paper.to_json()) == paper
-    tiny_age, tiny_budget = DecaySchedule.tiny(by="age"), DecaySchedule.tiny(by="budget")
+    tiny_age, tiny_budget = DecaySchedule.mono(by="age"), DecaySchedule.mono(by="budget")
     assert [r["from_age"] for r in tiny_age.describe(float("inf"))] == [0, 8, 32, 128]  # ages are a floor
     assert [r["from_age"] for r in tiny_age.describe(0.5)] == [0, 4, 16, 64]
     assert [r["from_age"] for r in tiny_budget.describe(float("inf"))] == [0] + [float("inf")] * 3
@@ -177,7 +181,7 @@ def test_decoder_slot_budget_and_paper_downsampling():
        recent=st.integers(0, 120), by=st.sampled_from(["age", "budget"]), item_pages=st.integers(1, 2),
        count=st.sampled_from(["vision_tokens", "decoder_slots"]), seed=st.integers(0, 50))
 def test_decay_never_exceeds_the_budget(turn_words, budget, recent, by, item_pages, count, seed):
-    m = OpticalMemory(budget, recent, DecaySchedule.tiny(by=by, min_age=(1, 3, 6)), item_pages=item_pages,
+    m = OpticalMemory(budget, recent, DecaySchedule.mono(by=by, min_age=(1, 3, 6)), item_pages=item_pages,
                       count=count)
     for t, n in enumerate(turn_words):
         m.add("user" if t % 2 else "assistant", sentence([(seed + t * 5 + 3 * i) for i in range(n)], n))
@@ -373,7 +377,8 @@ def test_cli_add_show_recall(tmp_path, monkeypatch, capsys):
     note = tmp_path / "note.txt"
     note.write_text("Remember to water the ferns on Tuesday.")
     d = str(tmp_path / "mem")
-    assert main(["memory", "add", str(chat), str(note), "--dir", d, "--budget", "300", "--recent", "80"]) == 0
+    assert main(["memory", "add", str(chat), str(note), "--dir", d, "--budget", "300", "--recent", "80",
+                 "--schedule", "mono"]) == 0
     assert main(["memory", "add", str(note), "--dir", d, "--document", "--budget", "9999"]) == 0  # settings kept
     capsys.readouterr()
     assert main(["memory", "show", "--dir", d, "--json"]) == 0
@@ -436,3 +441,23 @@ def test_eval_memory_cli_writes_table_and_plot(tmp_path, capsys):
     assert len(data["facts"]) == 16
     assert (out / "memory.png").stat().st_size > 10_000
     assert "recall vs age" in capsys.readouterr().out
+
+
+def test_default_memory_renders_grid_pages_the_bundled_model_reads():
+    """The default (tiny) schedule puts archived text on 256-px grid pages (optictx.data.ocr_pages), page
+    count as rendered, within budget; the oldest items are forgotten when even that does not fit."""
+    from optictx.data.ocr_pages import CELL_H, render_grid_pages
+    from optictx.memory import GRID
+
+    m = OpticalMemory(budget_tokens=300, recent_text_tokens=60)
+    for role, text in conversation(60):
+        m.add(role, text)
+    assert m.schedule.levels[0].font_size == GRID and len(m.schedule.levels) == 1
+    ctx = m.context()
+    assert ctx.images and all(ci.image.size == (256, 256) for ci in ctx.images)
+    check_ledger(m, 300)
+    first = ctx.images[0]
+    want = render_grid_pages(first.text, 256, 4)[0]
+    assert want.text == first.text and np.array_equal(np.asarray(first.image), np.asarray(want.image))
+    assert m.schedule.describe()[0]["font_px"] > CELL_H / 2
+    assert DecaySchedule(**m.schedule.to_json()) == m.schedule

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def micro_recipe(max_steps: int) -> dict:
-    """A model small enough to train a few steps in seconds, with the full OCR task (render, CTC, guide)."""
+    """A model small enough to train a few steps in seconds, with the full OCR task (render, probes, guide)."""
     return {
         "task": "ocr",
         "model": "ocr-tiny",
@@ -30,8 +30,8 @@ def micro_recipe(max_steps: int) -> dict:
         "tokenizer": {"vocab_size": 400, "seed": 0, "samples": 200},
         "train": {"max_steps": max_steps, "lr": 0.002, "warmup_steps": 2, "eval_every": 1000, "log_every": 1,
                   "ckpt_every_s": 0.0, "seed": 0},
-        "ocr": {"batch_size": 2, "curriculum_steps": 4, "full_lines": 3, "font_sizes": [12], "eval_pages": 2,
-                "eval_font_sizes": [12], "eval_decode_pages": 1, "max_new_tokens": 5, "ctc_frames": 32},
+        "ocr": {"batch_size": 2, "curriculum_steps": 4, "full_lines": 3, "eval_pages": 2,
+                "eval_lines": [2], "eval_decode_pages": 1, "max_new_tokens": 5},
     }
 
 
@@ -128,14 +128,35 @@ def test_ddp_two_processes_keep_ranks_identical(tmp_path):
     assert "RANKS_IDENTICAL" in res.stdout
 
 
-def test_encoder_stage_trains_without_decoder_and_reports_cer(tmp_path):
+def test_encoder_stage_trains_without_decoder_and_reports_probe_accuracy(tmp_path):
     rec = micro_recipe(2)
     rec["ocr"].update(stage="encoder", guide_weight=0.0)
     rec["train"]["eval_every"] = 2
     rows = run_recipe(rec, tmp_path / "stage1")
     assert "lm" not in rows[-1]  # the decoder never ran
-    assert 0.0 <= float(rows[-1]["eval_line_cer"]) and 0.0 <= float(rows[-1]["eval_cell_cer"])
-    assert float(rows[-1]["line_ctc"]) > 0
+    assert 0.0 <= float(rows[-1]["eval_glyph_acc"]) <= 1 and 0.0 <= float(rows[-1]["eval_token_acc"]) <= 1
+    assert float(rows[-1]["glyph"]) > 0 and float(rows[-1]["token"]) > 0
+
+
+def test_probe_sites_point_at_the_patch_and_token_under_each_character():
+    """On a 256-px grid page, character (row r, col c) lies in SAM patch (r, c // 2) and vision token
+    (r // 4, c // 8); the sites must say so, with the character's class, for every drawn character."""
+    from optictx.data.ocr_pages import render_page
+    from optictx.train.ocr_task import CHAR_INDEX, ProbeSites
+
+    pages = [render_page("ab cd\nefgh", 256, 4), render_page("x" * 40 + " yz " * 60, 256, 4)]
+    sites = ProbeSites.of(pages, 256, 4)
+    expect = []
+    for pi, page in enumerate(pages):
+        for r, (text, _) in enumerate(page.lines):
+            for c, ch in enumerate(text):
+                expect.append(((pi * 16 + r) * 16 + c // 2, c % 2, (pi * 4 + r // 4) * 4 + c // 8,
+                               (r % 4) * 8 + c % 8, CHAR_INDEX[ch]))
+    got = list(zip(sites.patch_index.tolist(), sites.patch_cell.tolist(), sites.token_index.tolist(),
+                   sites.token_cell.tolist(), sites.label.tolist()))
+    assert got == expect
+    assert ProbeSites.cells(256, 4) == (2, 32)
+    assert max(sites.token_cell.tolist()) < 32 and max(sites.patch_index.tolist()) < 2 * 16 * 16
 
 
 def test_patch_embedding_gradient_is_exact():

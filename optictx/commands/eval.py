@@ -15,8 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "print precision / edit distance per compression-ratio bin next to the "
                                   "mismatched-image control and Tesseract on the same pixels.")
     c.add_argument("--model", default="tiny", help="tiny (bundled), a model folder, or a hub id")
-    c.add_argument("--pages", type=int, default=8, help="pages per font size (default 8)")
-    c.add_argument("--fonts", default="10,12,14,16", help="font sizes in px, comma separated")
+    c.add_argument("--pages", type=int, default=32, help="pages, from one line to a full page (default 32)")
     c.add_argument("--out", default="out/eval-compression", help="folder for results.json and the plot")
     c.add_argument("--no-tesseract", action="store_true", help="skip the Tesseract baseline column")
     c.add_argument("--max-new-tokens", type=int, default=512)
@@ -55,8 +54,7 @@ def run_compression(args: argparse.Namespace) -> int:
     ocr = OCR(args.model, prompt="free-ocr", max_new_tokens=args.max_new_tokens)
     page_size = ocr.mode.base_size
     vision_tokens = ocr_budget(page_size, page_size, ocr.mode).vision_tokens
-    fonts = [int(f) for f in args.fonts.split(",") if f.strip()]
-    pages = cmp.make_pages(args.pages, fonts, page_size=page_size, grid=page_size // 64)
+    pages = cmp.make_pages(args.pages, page_size=page_size, grid=page_size // 64)
     scores = cmp.score_pages(lambda im: ocr(im).text, pages, vision_tokens, use_tesseract=not args.no_tesseract)
     rows = cmp.bin_table(scores)
     title = f"{args.model}: {vision_tokens} vision tokens per {page_size}px page, {len(pages)} held-out pages"

@@ -32,9 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     new = a.add_argument_group("settings of a new memory (ignored when the folder already has one)")
     new.add_argument("--budget", type=int, default=2000, help="total context budget in tokens (default 2000)")
     new.add_argument("--recent", type=int, default=500, help="newest tokens kept as text (default 500)")
-    new.add_argument("--schedule", choices=["tiny", "paper"], default="tiny",
-                     help="tiny: 256-px pages re-rendered 16->10 px (bundled model); paper: Large->Base->"
-                          "Small->Tiny->nano downsampling (official model)")
+    new.add_argument("--schedule", choices=["tiny", "mono", "paper"], default="tiny",
+                     help="tiny: 256-px grid pages the bundled model reads (one level, oldest forgotten); "
+                          "mono: 256-px pages at 16->10 px fonts; paper: Large->Base->Small->Tiny->nano")
     new.add_argument("--by", choices=["budget", "age"], default="budget",
                      help="budget: scale the decay curve to fit; age: apply --min-age as given")
     new.add_argument("--min-age", help="turns at which each level after the first begins, e.g. 8,32,128")
@@ -100,7 +100,7 @@ def open_memory(args: argparse.Namespace, create: bool = False):
             kw["min_age"] = tuple(int(v) for v in args.min_age.split(","))
         except ValueError:
             raise ConfigError(f"--min-age must be integers separated by commas, got {args.min_age!r}") from None
-    schedule = DecaySchedule.tiny(**kw) if args.schedule == "tiny" else DecaySchedule.paper(**kw)
+    schedule = {"tiny": DecaySchedule.tiny, "mono": DecaySchedule.mono, "paper": DecaySchedule.paper}[args.schedule](**kw)
     return OpticalMemory(args.budget, args.recent, schedule, count=args.count)
 
 

@@ -9,9 +9,12 @@ is reading: the two signals the probes before this issue found missing.
 from __future__ import annotations
 
 import random
+import unicodedata
 from dataclasses import dataclass, field
 
-from PIL import Image
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
 
 from optictx.data.corpus import TextSampler, heldout_paragraphs
 from optictx.render import PageStyle, render_text
@@ -43,10 +46,9 @@ class OCRPage:
 
 @dataclass(frozen=True)
 class Level:
-    """Curriculum level: how many lines and which font sizes a page may have."""
+    """Curriculum level: how many lines a page may have."""
 
     max_lines: int
-    font_sizes: tuple[int, ...]
 
 
 def char_cells(text_lines: list[tuple[str, tuple[float, float, float, float]]], page_size: int, grid: int) -> list[int]:
@@ -73,18 +75,95 @@ def char_cells(text_lines: list[tuple[str, tuple[float, float, float, float]]], 
     return out
 
 
-def render_page(text: str, font_size: int, page_size: int, grid: int, max_lines: int | None = None) -> OCRPage:
-    """Render `text` on one square page; text that does not fit is dropped (the target is what is drawn)."""
-    style = PageStyle(width=page_size, height=page_size, margin=max(2, page_size // 64), font_family=tiny_model_font(),
-                      font_size=font_size, line_spacing=1.15)
-    page = render_text(text, style)[0]
-    lines = [(b.text, b.box_px) for b in page.lines]
-    if max_lines is not None and len(lines) > max_lines:
-        lines = lines[:max_lines]
-        page = render_text("\n".join(t for t, _ in lines), style)[0]
-        lines = [(b.text, b.box_px) for b in page.lines]
-    page_text = "\n".join(t for t, _ in lines)
-    return OCRPage(page.image, page_text, char_cells(lines, page_size, grid), font_size, len(lines), lines)
+# The bundled model reads a typewriter grid: every character sits in its own 8 x 16 px cell, so two characters
+# fill one 16-px SAM patch and one line fills one patch row, and a vision token (64 x 64 px) covers exactly
+# 8 characters x 4 lines. The font is sized so that its advance is exactly one cell (DejaVu Sans Mono advance =
+# 1233/2048 em). On free layouts (glyphs at any sub-patch phase) a from-scratch 16-px-patch ViT needs far more
+# CPU hours than we have before it sees glyphs (issue 6 probes: per-character accuracy 10% after 300 steps,
+# versus learning within ~100 steps when the phase is fixed).
+CELL_W, CELL_H = 8, 16
+
+
+@lru_cache(maxsize=None)
+def _grid_font() -> ImageFont.FreeTypeFont:
+    font = ImageFont.truetype(tiny_model_font(), size=100)
+    size = 100 * CELL_W / font.getlength("M")
+    return ImageFont.truetype(tiny_model_font(), size=size)
+
+
+def grid_shape(page_size: int) -> tuple[int, int]:
+    """(columns, rows) of the character grid on a square page."""
+    return page_size // CELL_W, page_size // CELL_H
+
+
+def wrap_grid(text: str, columns: int) -> list[str]:
+    """Greedy word wrap to at most `columns` characters; longer words are cut; newlines are kept."""
+    lines: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split():
+            while len(word) > columns:
+                if line:
+                    lines.append(line)
+                    line = ""
+                lines.append(word[:columns])
+                word = word[columns:]
+            if not word:
+                continue
+            if not line:
+                line = word
+            elif len(line) + 1 + len(word) <= columns:
+                line += " " + word
+            else:
+                lines.append(line)
+                line = word
+        if line:
+            lines.append(line)
+    return lines
+
+
+def render_page(text: str, page_size: int = 256, grid: int = 4, max_lines: int | None = None) -> OCRPage:
+    """Render `text` on one square grid page; text that does not fit is dropped (the target is what is drawn).
+
+    Raises RenderError for characters outside printable ASCII (the model's alphabet: DejaVu draws them all).
+    """
+    from optictx.errors import RenderError
+
+    bad = sorted({c for c in text if not (" " <= c <= "~") and c != "\n"})
+    if bad:
+        raise RenderError(f"the bundled model reads printable ASCII only; cannot draw {''.join(bad)!r}")
+    cols, rows = grid_shape(page_size)
+    lines = wrap_grid(text, cols)[: min(rows, max_lines or rows)]
+    image = Image.new("RGB", (page_size, page_size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = _grid_font()
+    ascent, descent = font.getmetrics()
+    baseline = (CELL_H - (ascent + descent)) / 2 + ascent  # glyphs centred vertically in the cell
+    boxes = []
+    for r, line in enumerate(lines):
+        for c, ch in enumerate(line):
+            if ch != " ":
+                draw.text((c * CELL_W, r * CELL_H + baseline), ch, font=font, fill=(0, 0, 0), anchor="ls")
+        boxes.append((line, (0.0, float(r * CELL_H), float(len(line) * CELL_W), float((r + 1) * CELL_H))))
+    page_text = "\n".join(lines)
+    return OCRPage(image, page_text, char_cells(boxes, page_size, grid), CELL_H, len(lines), boxes)
+
+
+def to_ascii(text: str) -> str:
+    """Fold text into the model's alphabet: accents dropped (NFKD), other characters outside ASCII removed."""
+    folded = unicodedata.normalize("NFKD", text.replace("\t", " ")).encode("ascii", "ignore").decode("ascii")
+    return "".join(c for c in folded if " " <= c <= "~" or c == "\n")
+
+
+def grid_lines(text: str, page_size: int = 256) -> list[str]:
+    """The lines `text` fills on grid pages (folded to ASCII, word-wrapped)."""
+    return wrap_grid(to_ascii(text), grid_shape(page_size)[0])
+
+
+def render_grid_pages(text: str, page_size: int = 256, grid: int = 4) -> list[OCRPage]:
+    """All of `text` on as many grid pages as it needs (at least one), e.g. for optical memory."""
+    lines, rows = grid_lines(text, page_size), grid_shape(page_size)[1]
+    return [render_page("\n".join(lines[i:i + rows]), page_size, grid) for i in range(0, max(1, len(lines)), rows)]
 
 
 class OCRPageSource:
@@ -98,25 +177,24 @@ class OCRPageSource:
         rng = random.Random(self.seed * 1_000_003 + index)
         self.sampler.rng = rng  # the sampler's choices follow this page's RNG (Faker keeps its own seed)
         self.sampler.faker.seed_instance(self.seed * 7919 + index)
-        font = rng.choice(level.font_sizes)
         n_lines = rng.randint(1, level.max_lines)
-        chars_per_line = int(self.page_size / (0.6 * font)) + 2
-        text = self.sampler.sample(n_lines * chars_per_line + 8)
-        return render_page(text, font, self.page_size, self.grid, max_lines=n_lines)
+        cols, _ = grid_shape(self.page_size)
+        text = to_ascii(self.sampler.sample(n_lines * (cols + 4) + 8))
+        return render_page(text, self.page_size, self.grid, max_lines=n_lines)
 
 
-def heldout_pages(n: int, font_size: int, page_size: int = 256, grid: int = 4, seed: int = 1234,
-                  max_lines: int | None = None) -> list[OCRPage]:
-    """Pages of held-out licence text (never seen in training), for evaluation and the demo."""
+def heldout_pages(n: int, lines: int, page_size: int = 256, grid: int = 4, seed: int = 1234) -> list[OCRPage]:
+    """`n` pages of `lines` lines of held-out licence text (never seen in training), for evaluation."""
     paras = heldout_paragraphs()
     rng = random.Random(seed)
+    cols, _ = grid_shape(page_size)
     pages = []
     for _ in range(n):
         i = rng.randrange(len(paras))
         words = paras[i].split()
         words = words[rng.randrange(max(1, len(words) // 3)):]
-        while sum(len(w) + 1 for w in words) < 3 * (page_size / (0.6 * font_size)) * (page_size / font_size):
+        while sum(len(w) + 1 for w in words) < 2 * lines * cols:
             i = (i + 1) % len(paras)
             words += paras[i].split()
-        pages.append(render_page(" ".join(words), font_size, page_size, grid, max_lines=max_lines))
+        pages.append(render_page(to_ascii(" ".join(words)), page_size, grid, max_lines=lines))
     return pages

@@ -1,7 +1,8 @@
 """Compression vs precision: how well a model reads pages that hold more and more text per vision token.
 
 Held-out pages (licence texts, never used for training) are rendered with growing amounts of text on
-the model's page size; each page's compression ratio is text tokens (DeepSeek tokenizer, as the paper
+the model's page size, in the bundled model's grid layout (optictx.data.ocr_pages: 8 x 16 px cells, so a
+256-px page holds at most 16 lines of 32 characters, about 8-10x); each page's compression ratio is text tokens (DeepSeek tokenizer, as the paper
 counts) / vision tokens. Every figure is printed next to two baselines measured on the same pages:
 - the *mismatched-image control*: the model decodes page i from page i+1's image. Anything a model
   scores there comes from its language prior, not from reading;
@@ -14,13 +15,13 @@ import random
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from PIL import Image
 
 from optictx.budget import text_tokens
 from optictx.data.corpus import heldout_paragraphs
-from optictx.data.ocr_pages import render_page
+from optictx.data.ocr_pages import grid_shape, render_page, to_ascii
 from optictx.eval.metrics import normalized_edit_distance, ocr_precision_recall
 
 # Ratio bins (text tokens per vision token), like the paper's Table 2 rows but in ratios.
@@ -31,7 +32,7 @@ BINS = ((0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 15), (15, 20), (
 class PageScore:
     ratio: float
     text_tokens: int
-    font_size: int
+    lines: int
     precision: float
     edit_distance: float
     control_precision: float
@@ -53,19 +54,17 @@ def heldout_text(rng: random.Random, n_chars: int) -> str:
             break
         out.append(w)
         n += len(w) + 1
-    return " ".join(out)
+    return to_ascii(" ".join(out))
 
 
-def make_pages(n_per_font: int, font_sizes: Sequence[int], page_size: int = 256, grid: int = 4,
-               seed: int = 4321) -> list:
-    """Held-out pages: for each font size, pages from a few lines up to a full page (a spread of ratios)."""
+def make_pages(n_pages: int, page_size: int = 256, grid: int = 4, seed: int = 4321) -> list:
+    """`n_pages` held-out pages from one line up to a full page, evenly spread (a spread of ratios)."""
     rng = random.Random(seed)
+    cols, rows = grid_shape(page_size)
     pages = []
-    for fs in font_sizes:
-        full_chars = int(page_size / (0.6 * fs)) * int(page_size / (1.2 * fs))
-        for k in range(n_per_font):
-            frac = (k + 1) / n_per_font
-            pages.append(render_page(heldout_text(rng, max(20, int(full_chars * frac * 1.3))), fs, page_size, grid))
+    for k in range(n_pages):
+        lines = max(1, round(rows * (k + 1) / n_pages))
+        pages.append(render_page(heldout_text(rng, 2 * lines * cols), page_size, grid, max_lines=lines))
     return pages
 
 
@@ -96,7 +95,7 @@ def score_pages(read: Callable[[Image.Image], str], pages: list, vision_tokens: 
         p, _ = ocr_precision_recall(pred, page.text)
         cp, _ = ocr_precision_recall(control, page.text)
         n_tok = text_tokens(page.text)
-        s = PageScore(ratio=n_tok / vision_tokens, text_tokens=n_tok, font_size=page.font_size, precision=p,
+        s = PageScore(ratio=n_tok / vision_tokens, text_tokens=n_tok, lines=page.n_lines, precision=p,
                       edit_distance=normalized_edit_distance(pred, page.text), control_precision=cp,
                       control_edit_distance=normalized_edit_distance(control, page.text))
         if use_tesseract:

@@ -259,8 +259,9 @@ def register_cli(ev: argparse._SubParsersAction) -> None:
                    help="conversation length as a multiple of the largest budget (default 10.5)")
     p.add_argument("--facts", type=int, default=40, help="planted facts (default 40)")
     p.add_argument("--recent", type=float, default=0.25, help="share of each budget kept as recent text")
-    p.add_argument("--schedule", choices=["tiny", "paper"], default="tiny",
-                   help="decay ladder: tiny (256-px pages, 16->10 px fonts) or paper (Large->...->nano)")
+    p.add_argument("--schedule", choices=["tiny", "mono", "paper"], default="tiny",
+                   help="tiny (256-px grid pages the bundled model reads), mono (256-px pages, 16->10 px "
+                        "fonts) or paper (Large->...->nano)")
     p.add_argument("-k", type=int, default=3, help="passages recall returns per question")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval-memory", help="folder for results.json and memory.png")
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         from optictx.ocr import OCR
 
         reader = OCR(args.model, prompt="free-ocr", max_new_tokens=1024)
-    schedule = DecaySchedule.tiny() if args.schedule == "tiny" else DecaySchedule.paper()
+    schedule = {"tiny": DecaySchedule.tiny, "mono": DecaySchedule.mono, "paper": DecaySchedule.paper}[args.schedule]()
     conv = make_conversation(int(args.length * budgets[-1]), args.facts, args.seed)
     total = sum(text_tokens(s) for s in conv.lines)
     results = evaluate(conv, budgets, reader, recent_fraction=args.recent, schedule=schedule, k=args.k,

@@ -11,7 +11,7 @@ from optictx.config import preset
 from optictx.errors import ConfigError
 from optictx.tokenizer import Tokenizer, train_bpe
 from optictx.train.loop import TrainConfig, barrier, init_distributed, train
-from optictx.train.ocr_task import OCRTask, OCRTaskConfig, OCRTrainModule
+from optictx.train.ocr_task import OCRTask, OCRTaskConfig, OCRTrainModule, ProbeSites
 
 
 def _fields(cls, d: dict) -> dict:
@@ -87,7 +87,7 @@ def prepare_ocr(recipe: dict, out: str | Path):
 
         load_into(model, recipe["init_from"], dtype=torch.float32, device="cpu")
     task_cfg = OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {})))
-    net = OCRTrainModule(model, task_cfg.ctc_frames, task_cfg.line_ctc_sub)
+    net = OCRTrainModule(model, *ProbeSites.cells(task_cfg.page_size, task_cfg.grid))
     train_cfg = TrainConfig(out_dir=str(out), **_fields(TrainConfig, recipe.get("train", {})))
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
@@ -113,7 +113,7 @@ def export_run(run_dir: str | Path, dest: str | Path, dtype: str = "bfloat16") -
     tok = Tokenizer.from_pretrained(run_dir / "tokenizer")
     cfg, model = build_model(recipe, tok)
     task_cfg = OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {})))
-    net = OCRTrainModule(model, task_cfg.ctc_frames, task_cfg.line_ctc_sub)
+    net = OCRTrainModule(model, *ProbeSites.cells(task_cfg.page_size, task_cfg.grid))
     state = load_checkpoint(ckpt, net, restore_rng=False)
     dest = Path(dest)
     model.save_pretrained(dest, dtype=dtype)

@@ -1,14 +1,17 @@
 """Training task for the bundled OCR model: read a rendered page back from its vision tokens.
 
 Loss = next-token cross-entropy on the page text (the real objective)
-     + ``ctc_weight``   x CTC of each vision token onto the characters its cell covers (grounds the encoder:
-                          without it the encoder collapsed to a constant in the probes before this issue),
+     + ``glyph_weight`` x character probe on the SAM neck: each 16-px patch must tell which of its two grid
+                          cells holds which character (grounds the encoder at full resolution, where seeing
+                          glyphs is learned fastest),
+     + ``token_weight`` x character probe on the vision tokens: each of the 16 tokens must tell the character
+                          at each of its 32 grid cells (so the tokens carry the text the decoder must read),
      + ``guide_weight`` x guided attention: one head in a few decoder layers is told which vision token
                           holds the next character (the decoder otherwise never learned to copy from its input).
-Both auxiliary signals come free from the renderer's character positions; neither changes the model or its
-inference, and the exported weights are the plain DeepSeek-OCR layout.
+All auxiliary signals come free from the grid layout (optictx.data.ocr_pages); the probes are training-only
+heads, so the exported weights are the plain DeepSeek-OCR layout.
 
-Curriculum: pages start with a line or two and grow to full pages; font sizes span low to ~10x compression.
+Curriculum: pages start with a line or two and grow to full pages (16 lines, ~10x compression).
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ from optictx.model.vlm import DeepseekOCRForCausalLM
 from optictx.tokenizer import Tokenizer
 
 PROMPT_AFTER_IMAGE = "\nFree OCR."
-CTC_ALPHABET = string.printable[:95]  # digits, letters, punctuation, space
-CTC_INDEX = {c: i + 1 for i, c in enumerate(CTC_ALPHABET)}  # 0 = blank
+CHAR_ALPHABET = string.printable[:95]  # digits, letters, punctuation, space
+CHAR_INDEX = {c: i + 1 for i, c in enumerate(CHAR_ALPHABET)}  # 0 = unused (kept for a stable class layout)
 
 
 @dataclass
@@ -38,72 +41,69 @@ class OCRTaskConfig:
     batch_size: int = 8
     page_size: int = 256
     grid: int = 4  # vision tokens per side (page_size / 64)
-    ctc_weight: float = 0.3
-    ctc_frames: int = 96
-    line_ctc_weight: float = 1.0  # CTC of each text line read off the SAM neck features (16-px patches)
-    line_ctc_sub: int = 4  # frames per patch column for the line reader
-    stage: str = "full"  # "encoder": ground the encoder with the CTC losses alone (no decoder), then "full"
+    glyph_weight: float = 1.0  # character probe on the SAM neck (16-px patches)
+    token_weight: float = 1.0  # character probe on the vision tokens
+    stage: str = "full"  # "encoder": train the encoder with the probes alone (no decoder), then "full"
     guide_weight: float = 0.5
     guide_layers: tuple[int, ...] = (1, 2)
     curriculum_steps: int = 4000  # steps to grow from 2 lines to full pages
-    font_sizes: tuple[int, ...] = (10, 11, 12, 13, 14, 16)
-    full_lines: int = 20
+    full_lines: int = 16
     eval_pages: int = 12
-    eval_font_sizes: tuple[int, ...] = (10, 12, 14)
+    eval_lines: tuple[int, ...] = (4, 8, 16)
     eval_decode_pages: int = 3
     max_new_tokens: int = 400
     extra: dict = field(default_factory=dict)
 
 
-class CTCHead(nn.Module):
-    """Training-only probe: a vision token -> `frames` character distributions (CTC over printable ASCII)."""
+class CharProbe(nn.Module):
+    """Training-only probe: (a feature vector, which grid cell of it) -> the character drawn in that cell."""
 
-    def __init__(self, dim: int, frames: int, hidden: int = 128):
+    def __init__(self, dim: int, cells: int, hidden: int = 256):
         super().__init__()
-        self.frames, self.hidden = frames, hidden
-        self.expand = nn.Linear(dim, frames * hidden)
-        self.out = nn.Linear(hidden, len(CTC_ALPHABET) + 1)
+        self.proj = nn.Linear(dim, hidden)
+        self.cell = nn.Embedding(cells, hidden)
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, len(CHAR_ALPHABET) + 1))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [N, D] -> [frames, N, C] log-probs
-        h = F.gelu(self.expand(tokens).view(tokens.shape[0], self.frames, self.hidden))
-        return self.out(h).log_softmax(-1).transpose(0, 1)
+    def forward(self, feats: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:  # [N, D], [N] -> logits [N, C]
+        return self.mlp(self.proj(feats) + self.cell(cell))
 
 
-class LineCTCHead(nn.Module):
-    """Training-only line reader on the SAM neck output: pool the patch rows under a text line, then
-    `sub` frames per patch column -> characters. It grounds the encoder at full resolution (16-px patches,
-    ~2.5 characters each) before the 16x compressor, where learning to see glyphs is fast."""
+@dataclass
+class CharSites:
+    """Where every character of a batch is: page, grid row and column, and its class."""
 
-    def __init__(self, channels: int, sub: int, hidden: int = 128):
-        super().__init__()
-        self.sub, self.hidden = sub, hidden
-        self.expand = nn.Linear(channels, sub * hidden)
-        self.out = nn.Linear(hidden, len(CTC_ALPHABET) + 1)
+    page: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    label: torch.Tensor
 
-    def forward(self, neck: torch.Tensor, rows: torch.Tensor, page_of_line: torch.Tensor) -> torch.Tensor:
-        """neck [B, C, R, W], rows [L, R] pooling weights, page_of_line [L] -> log-probs [W*sub, L, classes]."""
-        feats = torch.einsum("lr,lcrw->lwc", rows.to(neck.dtype), neck[page_of_line])
-        h = F.gelu(self.expand(feats)).view(feats.shape[0], feats.shape[1] * self.sub, self.hidden)
-        return self.out(h).log_softmax(-1).transpose(0, 1)
+    @staticmethod
+    def of(pages: list[OCRPage]) -> "CharSites":
+        out: list[tuple[int, int, int, int]] = []
+        for pi, page in enumerate(pages):
+            for r, (text, _) in enumerate(page.lines):
+                out += [(pi, r, c, CHAR_INDEX[ch]) for c, ch in enumerate(text) if ch in CHAR_INDEX]
+        t = torch.tensor(out, dtype=torch.long).reshape(-1, 4)
+        return CharSites(*t.unbind(1))
 
 
 class OCRTrainModule(nn.Module):
-    """The model plus its training-only heads, so one state dict checkpoints both.
+    """The model plus its training-only probes, so one state dict checkpoints both.
 
     Everything that needs gradients happens in ``forward`` so that DDP sees (and all-reduces) it.
     """
 
-    def __init__(self, model: DeepseekOCRForCausalLM, ctc_frames: int, line_sub: int = 4):
+    def __init__(self, model: DeepseekOCRForCausalLM, patch_cells: int, token_cells: int):
         super().__init__()
         self.model = model
-        self.ctc_head = CTCHead(model.model.embed_tokens.embedding_dim, ctc_frames)
-        self.line_head = LineCTCHead(model.model.sam_model.neck[-1].weight.shape[0], line_sub)
+        self.glyph_probe = CharProbe(model.model.sam_model.neck[-1].weight.shape[0], patch_cells)
+        self.token_probe = CharProbe(model.model.embed_tokens.embedding_dim, token_cells)
 
     def forward(self, pix: torch.Tensor, input_ids: torch.Tensor, guide_layers: tuple[int, ...] = (),
-                with_ctc: bool = False, line_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                decode: bool = True):
-        """-> (fp32 logits [B,T,V], token-CTC log-probs [frames, B*g*g, C] or None, guided-head log-attention
-        list, line-CTC log-probs [frames, L, C] or None)."""
+                sites: "ProbeSites | None" = None, decode: bool = True):
+        """-> (fp32 logits [B,T,V] or None, guided-head log-attention list, glyph-probe logits [N, C] or None,
+        token-probe logits [N, C] or None)."""
         model = self.model
         neck_out: list[torch.Tensor] = []
         neck_hook = model.model.sam_model.neck.register_forward_hook(lambda m, a, out: neck_out.append(out))
@@ -111,10 +111,13 @@ class OCRTrainModule(nn.Module):
             slots, tokens = image_slots(model, pix)
         finally:
             neck_hook.remove()
-        ctc = self.ctc_head(tokens.reshape(-1, tokens.shape[-1])) if with_ctc else None
-        lines = self.line_head(neck_out[0], *line_rows) if line_rows is not None and len(line_rows[1]) else None
+        glyph = token = None
+        if sites is not None and len(sites.patch_index):
+            neck = neck_out[0].permute(0, 2, 3, 1).flatten(0, 2)  # [B*R*W, C], row-major patches
+            glyph = self.glyph_probe(neck[sites.patch_index], sites.patch_cell)
+            token = self.token_probe(tokens.flatten(0, 1)[sites.token_index], sites.token_cell)
         if not decode:  # encoder stage: the decoder is not run at all
-            return None, ctc, [], lines
+            return None, [], glyph, token
         emb = model.model.embed_tokens(input_ids)
         emb = torch.cat([emb[:, :1], slots.to(emb.dtype), emb[:, 1 + slots.shape[1]:]], dim=1)
         captured: list[tuple] = []
@@ -126,7 +129,44 @@ class OCRTrainModule(nn.Module):
             for h in hooks:
                 h.remove()
         logits = model.lm_head(hidden).float()
-        return logits, ctc, [head_attention_logprobs(*c) for c in captured], lines
+        return logits, [head_attention_logprobs(*c) for c in captured], glyph, token
+
+
+@dataclass
+class ProbeSites:
+    """Index of the SAM patch and of the vision token under every character, the cell inside each, labels."""
+
+    patch_index: torch.Tensor
+    patch_cell: torch.Tensor
+    token_index: torch.Tensor
+    token_cell: torch.Tensor
+    label: torch.Tensor
+
+    @staticmethod
+    def of(pages: list[OCRPage], page_size: int, grid: int) -> "ProbeSites":
+        from optictx.data.ocr_pages import CELL_H, CELL_W
+
+        sites = CharSites.of(pages)
+        patch = page_size // (grid * 4)  # 16-px SAM patches: grid*4 per side
+        px, py = patch // CELL_W, patch // CELL_H  # grid cells per patch (2 x 1)
+        tx, ty = px * 4, py * 4  # grid cells per vision token (8 x 4)
+        per_side = grid * 4
+        return ProbeSites(
+            patch_index=(sites.page * per_side + sites.row // py) * per_side + sites.col // px,
+            patch_cell=(sites.row % py) * px + sites.col % px,
+            token_index=(sites.page * grid + sites.row // ty) * grid + sites.col // tx,
+            token_cell=(sites.row % ty) * tx + sites.col % tx,
+            label=sites.label,
+        )
+
+    @staticmethod
+    def cells(page_size: int, grid: int) -> tuple[int, int]:
+        """(cells per patch, cells per token) for the probes' cell embeddings."""
+        from optictx.data.ocr_pages import CELL_H, CELL_W
+
+        patch = page_size // (grid * 4)
+        n = (patch // CELL_W) * (patch // CELL_H)
+        return n, n * 16
 
 
 def pixels(image) -> torch.Tensor:
@@ -166,15 +206,6 @@ def token_cells(tok: Tokenizer, text: str, cells: list[int]) -> tuple[list[int],
     return enc.ids, out
 
 
-def ctc_targets(page: OCRPage, grid: int) -> list[list[int]]:
-    """Per cell, the characters it covers in reading order (newlines dropped)."""
-    per_cell: list[list[int]] = [[] for _ in range(grid * grid)]
-    for ch, cell in zip(page.text, page.char_cells):
-        if ch != "\n" and cell >= 0 and ch in CTC_INDEX:
-            per_cell[cell].append(CTC_INDEX[ch])
-    return per_cell
-
-
 class OCRTask:
     def __init__(self, tok: Tokenizer, cfg: OCRTaskConfig):
         self.tok, self.cfg = tok, cfg
@@ -186,11 +217,11 @@ class OCRTask:
     # ------------------------------------------------------------------ data
     def level(self, step: int) -> Level:
         grow = min(1.0, step / max(1, self.cfg.curriculum_steps))
-        return Level(max_lines=max(2, round(2 + grow * (self.cfg.full_lines - 2))), font_sizes=self.cfg.font_sizes)
+        return Level(max_lines=max(2, round(2 + grow * (self.cfg.full_lines - 2))))
 
     def collate(self, pages: list[OCRPage]) -> dict:
         cfg, tok = self.cfg, self.tok
-        seqs, labels, guides, ctcs = [], [], [], []
+        seqs, labels, guides = [], [], []
         head = [tok.bos_id] + [tok.image_token_id] * self.n_slots + self.prompt_ids
         for page in pages:
             ids, cells = token_cells(tok, page.text, page.char_cells)
@@ -201,19 +232,7 @@ class OCRTask:
             for j, cell in enumerate(cells):
                 if cell >= 0:
                     g[len(head) + j - 1] = 1 + slot_of_cell(cell, cfg.grid)
-            seqs.append(seq), labels.append(lab), guides.append(g), ctcs.append(ctc_targets(page, cfg.grid))
-        line_rows, line_page, line_targets = [], [], []
-        patch = cfg.page_size / (cfg.grid * 4)  # SAM patch rows: grid*4 per page (16 px for the tiny model)
-        for pi, page in enumerate(pages):
-            for text, (_, y1, _, y2) in page.lines:
-                edges = torch.arange(cfg.grid * 4 + 1, dtype=torch.float32) * patch
-                overlap = (torch.minimum(edges[1:], torch.tensor(y2)) - torch.maximum(edges[:-1], torch.tensor(y1)))
-                w = overlap.clamp(min=0)
-                if w.sum() <= 0 or not text:
-                    continue
-                line_rows.append(w / w.sum())
-                line_page.append(pi)
-                line_targets.append([CTC_INDEX[c] for c in text if c in CTC_INDEX])
+            seqs.append(seq), labels.append(lab), guides.append(g)
         t = max(map(len, seqs))
         pad = lambda rows, v: torch.tensor([r + [v] * (t - len(r)) for r in rows])  # noqa: E731
         return {
@@ -221,10 +240,7 @@ class OCRTask:
             "input_ids": pad(seqs, tok.pad_id),
             "labels": pad(labels, -100),
             "guide": pad(guides, -1),
-            "ctc": ctcs,
-            "line_rows": torch.stack(line_rows) if line_rows else torch.zeros(0, cfg.grid * 4),
-            "line_page": torch.tensor(line_page, dtype=torch.long),
-            "line_targets": line_targets,
+            "sites": ProbeSites.of(pages, cfg.page_size, cfg.grid),
             "texts": [p.text for p in pages],
         }
 
@@ -237,11 +253,11 @@ class OCRTask:
     # ------------------------------------------------------------------ loss
     def loss(self, net: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        line_rows = (batch["line_rows"], batch["line_page"]) if cfg.line_ctc_weight > 0 else None
         decode = cfg.stage != "encoder"
-        logits, ctc_logp, guide_logp, line_logp = net(batch["pixels"], batch["input_ids"],
-                                                      cfg.guide_layers if cfg.guide_weight > 0 and decode else (),
-                                                      cfg.ctc_weight > 0, line_rows, decode)
+        probe = cfg.glyph_weight > 0 or cfg.token_weight > 0
+        logits, guide_logp, glyph, token = net(batch["pixels"], batch["input_ids"],
+                                               cfg.guide_layers if cfg.guide_weight > 0 and decode else (),
+                                               batch["sites"] if probe else None, decode)
         parts = {"tokens": float((batch["labels"] != -100).sum())}
         total = torch.zeros((), device=batch["pixels"].device)
         if logits is not None:
@@ -252,45 +268,34 @@ class OCRTask:
             guide = torch.stack([guided_attention_loss(lp, batch["guide"]) for lp in guide_logp]).mean()
             total = total + cfg.guide_weight * guide
             parts["guide"] = float(guide.detach())
-        if ctc_logp is not None:
-            ctc = ctc_loss(ctc_logp, [cell for page in batch["ctc"] for cell in page])
-            total = total + cfg.ctc_weight * ctc
-            parts["ctc"] = float(ctc.detach())
-        if line_logp is not None:
-            line = ctc_loss(line_logp, batch["line_targets"])
-            total = total + cfg.line_ctc_weight * line
-            parts["line_ctc"] = float(line.detach())
+        for name, weight, out in (("glyph", cfg.glyph_weight, glyph), ("token", cfg.token_weight, token)):
+            if out is not None and weight > 0:
+                loss = F.cross_entropy(out.float(), batch["sites"].label)
+                total = total + weight * loss
+                parts[name] = float(loss.detach())
         parts["loss"] = float(total.detach())
         return total, parts
 
     # ------------------------------------------------------------------ eval
     def eval_pages(self) -> list[OCRPage]:
         if self._eval_pages is None:
-            per = max(1, self.cfg.eval_pages // len(self.cfg.eval_font_sizes))
-            self._eval_pages = [p for fs in self.cfg.eval_font_sizes
-                                for p in heldout_pages(per, fs, self.cfg.page_size, self.cfg.grid, seed=fs)]
+            per = max(1, self.cfg.eval_pages // len(self.cfg.eval_lines))
+            self._eval_pages = [p for n in self.cfg.eval_lines
+                                for p in heldout_pages(per, n, self.cfg.page_size, self.cfg.grid, seed=n)]
         return self._eval_pages
 
     @torch.no_grad()
-    def evaluate_encoder(self, net: "OCRTrainModule") -> dict[str, float]:
-        """Go/no-go gate of the encoder stage: CER of the line reader and of the per-token reader on held-out
-        pages (the per-token one says whether the 16 vision tokens carry the text the decoder must read)."""
-        from optictx.eval.metrics import character_error_rate
-
+    def probe_accuracy(self, net: "OCRTrainModule") -> dict[str, float]:
+        """Per-character accuracy of the two probes on held-out pages: the glyph probe says whether the encoder
+        sees the characters, the token probe whether the 16 vision tokens still carry them all."""
         was_training = net.training
         net.eval()
-        pages = self.eval_pages()
-        batch = self.collate(pages)
-        _, ctc_logp, _, line_logp = net(batch["pixels"], batch["input_ids"], (), True,
-                                        (batch["line_rows"], batch["line_page"]), decode=False)
+        batch = self.collate(self.eval_pages())
+        _, _, glyph, token = net(batch["pixels"], batch["input_ids"], (), batch["sites"], decode=False)
         net.train(was_training)
-        line_pred = ctc_greedy(line_logp)
-        line_true = ["".join(CTC_ALPHABET[c - 1] for c in t) for t in batch["line_targets"]]
-        cells = [cell for page in batch["ctc"] for cell in page]
-        cell_pred = ctc_greedy(ctc_logp)
-        pairs = [(p, "".join(CTC_ALPHABET[c - 1] for c in t)) for p, t in zip(cell_pred, cells) if t]
-        cer = lambda pairs: float(np.mean([character_error_rate(p, g, normalize=False) for p, g in pairs]))  # noqa
-        return {"eval_line_cer": cer(list(zip(line_pred, line_true))), "eval_cell_cer": cer(pairs)}
+        label = batch["sites"].label
+        return {"eval_glyph_acc": float((glyph.argmax(-1) == label).float().mean()),
+                "eval_token_acc": float((token.argmax(-1) == label).float().mean())}
 
     @torch.no_grad()
     def evaluate(self, net: nn.Module, step: int) -> dict[str, float]:
@@ -299,8 +304,9 @@ class OCRTask:
         from optictx.eval.metrics import normalized_edit_distance, ocr_precision_recall
 
         net = getattr(net, "module", net)
+        probes = self.probe_accuracy(net)
         if self.cfg.stage == "encoder":
-            return self.evaluate_encoder(net)
+            return probes
         was_training = net.training
         net.eval()
         pages = self.eval_pages()
@@ -317,21 +323,8 @@ class OCRTask:
         net.train(was_training)
         p, r, ned = (float(np.mean(col)) for col in zip(*scores))
         # precision alone rewards short guesses; recall and edit distance show whether the page was read
-        return {"eval_loss": float(true_loss), "eval_swapped_loss": float(swap_loss),
+        return {**probes, "eval_loss": float(true_loss), "eval_swapped_loss": float(swap_loss),
                 "gap": float(swap_loss - true_loss), "eval_precision": p, "eval_recall": r, "eval_ned": ned}
-
-
-def ctc_greedy(logp: torch.Tensor) -> list[str]:
-    """Best-path CTC decoding of [frames, N, C] log-probs into N strings."""
-    out = []
-    for seq in logp.argmax(-1).T.tolist():
-        chars, prev = [], 0
-        for s in seq:
-            if s != prev and s != 0:
-                chars.append(CTC_ALPHABET[s - 1])
-            prev = s
-        out.append("".join(chars))
-    return out
 
 
 def head_attention_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -352,25 +345,6 @@ def guided_attention_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Te
         return logp.sum() * 0
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -(picked[mask]).mean()
-
-
-def ctc_loss(logp: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
-    """CTC of sequences ([frames, N, C] log-probs) onto their character targets, per target character.
-
-    Empty targets are skipped (an empty cell has nothing to teach and would drown the rest in an average);
-    targets longer than half the frames are cut, so CTC always has room for blanks between repeats.
-    """
-    frames_n = logp.shape[0]
-    keep = [i for i, t in enumerate(targets) if t]
-    if not keep:
-        return logp.sum() * 0
-    cut = [targets[i][: frames_n // 2] for i in keep]
-    lengths = torch.tensor([len(t) for t in cut], device=logp.device)
-    concat = torch.tensor([c for t in cut for c in t], dtype=torch.long, device=logp.device)
-    frames = torch.full((len(keep),), frames_n, dtype=torch.long, device=logp.device)
-    sel = logp[:, torch.tensor(keep, device=logp.device)].float()
-    total = F.ctc_loss(sel, concat, frames, lengths, blank=0, reduction="sum", zero_infinity=True)
-    return total / lengths.sum()
 
 
 @torch.no_grad()
