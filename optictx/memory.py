@@ -37,6 +37,7 @@ from PIL import Image
 
 from optictx.budget import get_mode, ocr_budget, text_tokens
 from optictx.errors import ConfigError, MemoryStoreError, RenderError
+from optictx.fileio import atomic_write, fsync_dir
 from optictx.render import PageStyle, render_text
 
 TINY_MODEL_FONT = "tiny-model"
@@ -578,15 +579,14 @@ class OpticalMemory:
             sha = hashlib.sha256(data).hexdigest()
             name = f"pages/i{ci.item:05d}-L{ci.level}-p{ci.page:03d}-{sha[:16]}.png"
             if not (folder / name).is_file() or file_sha256(folder / name) != sha:
-                _write_atomic(folder / name, data)
+                atomic_write(folder / name, data, sync_dir=False)
             pages.append({"item": ci.item, "digest": items[ci.item].digest, "level": ci.level, "page": ci.page,
                           "file": name, "sha256": sha, "text": ci.text})
-        _fsync_dir(folder / "pages")  # every page is durable before the manifest names it
+        fsync_dir(folder / "pages")  # every page is durable before the manifest names it
         manifest = {"format": FORMAT, "version": VERSION, "config": self.config_json(),
                     "entries": [{"turn": e.turn, "role": e.role, "text": e.text} for e in self.entries],
                     "pages": pages}
-        _write_atomic(folder / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
-        _fsync_dir(folder)
+        atomic_write(folder / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
         keep = {p["file"] for p in pages}  # now unreferenced: old pages and temp files of crashed saves
         for f in [*(folder / "pages").iterdir(), *folder.glob(".manifest.json.*.tmp")]:
             if f.parent == folder or f"pages/{f.name}" not in keep:
@@ -715,28 +715,6 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename over ``path``: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make renames inside ``folder`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _load_png(folder: Path, page: dict) -> Image.Image:

@@ -300,21 +300,21 @@ def test_crash_during_save_keeps_previous_memory(tmp_path, monkeypatch, fail_at)
     old = snapshot(OpticalMemory.load(tmp_path))
     for role, text in conversation(15, fact_turn=None):
         m.add(role, text)
-    real, calls = memory_mod._write_atomic, []
+    real, calls = memory_mod.atomic_write, []
 
-    def flaky(path: Path, data: bytes) -> None:
+    def flaky(path: Path, data: bytes, **kw) -> None:
         calls.append(path)
         crash = {"first": len(calls) == 1, "middle": len(calls) == 3, "manifest": path.name == "manifest.json"}
         if crash[fail_at]:
             path.with_name(f".{path.name}.{os.getpid()}.tmp").write_bytes(data[: len(data) // 2])
             raise OSError("disk full (simulated)")
-        real(path, data)
+        real(path, data, **kw)
 
-    monkeypatch.setattr(memory_mod, "_write_atomic", flaky)
+    monkeypatch.setattr(memory_mod, "atomic_write", flaky)
     with pytest.raises(OSError, match="simulated"):
         m.save(tmp_path)
     assert snapshot(OpticalMemory.load(tmp_path)) == old
-    monkeypatch.setattr(memory_mod, "_write_atomic", real)
+    monkeypatch.setattr(memory_mod, "atomic_write", real)
     m.save(tmp_path)  # the next save succeeds and sweeps the debris
     assert not list(tmp_path.glob("**/.*.tmp"))
     assert snapshot(OpticalMemory.load(tmp_path)) == snapshot(m)
@@ -330,14 +330,14 @@ def test_sigkill_during_save_keeps_previous_memory(tmp_path):
         m = mm.OpticalMemory.load({str(tmp_path)!r})
         for t in range(15):
             m.add("user", "More words about the harbor and the silver engine, turn %d." % t)
-        real, n = mm._write_atomic, []
-        def killer(path, data):
+        real, n = mm.atomic_write, []
+        def killer(path, data, **kw):
             n.append(path)
             if path.name == "manifest.json":  # every page is written; die halfway through the manifest
                 path.with_name("." + path.name + ".%d.tmp" % os.getpid()).write_bytes(data[: len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
-            real(path, data)
-        mm._write_atomic = killer
+            real(path, data, **kw)
+        mm.atomic_write = killer
         m.save({str(tmp_path)!r})
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT))

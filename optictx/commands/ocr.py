@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optictx.errors import ConfigError
+from optictx.fileio import atomic_write
 from optictx.prompts import PAGE_SPLIT
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
@@ -99,35 +100,6 @@ def discover(inputs: list[str]) -> list[Document]:
 
 
 # --------------------------------------------------------------------------- crash-safe files
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(target: Path, data: bytes | Iterator[bytes]) -> None:
-    """Write a temp file next to ``target``, fsync it, then ``os.replace``: readers see old or new, never half."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in ([data] if isinstance(data, bytes) else data):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def append_record(path: Path, record: dict) -> None:
     """One JSON line in one ``write`` on an O_APPEND descriptor, fsync'ed before returning."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")

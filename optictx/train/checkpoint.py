@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from optictx.fileio import fsync_dir
+
 from optictx.errors import WeightsError
 
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -67,11 +69,11 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
     for f in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
         _fsync_file(f)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(root)[:-keep]:
         # rename first: a kill during rmtree must never leave a half-deleted folder that still looks complete
         doomed = old.with_name(f".del-{old.name}")
@@ -142,14 +144,3 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
