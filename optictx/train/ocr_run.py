@@ -103,7 +103,9 @@ def run_ocr(recipe: dict, out: str | Path) -> dict:
 def export_run(run_dir: str | Path, dest: str | Path, dtype: str = "bfloat16") -> Path:
     """Latest checkpoint of a run -> a model folder (config.json, safetensors, tokenizer) like the official one."""
     from optictx.model.vlm import DeepseekOCRForCausalLM
-    from optictx.train.checkpoint import latest_checkpoint, load_checkpoint
+    from safetensors.torch import load_file
+
+    from optictx.train.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir / "checkpoints")
@@ -112,9 +114,11 @@ def export_run(run_dir: str | Path, dest: str | Path, dtype: str = "bfloat16") -
     recipe = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))
     tok = Tokenizer.from_pretrained(run_dir / "tokenizer")
     cfg, model = build_model(recipe, tok)
-    task_cfg = OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {})))
-    net = OCRTrainModule(model, *ProbeSites.cells(task_cfg.page_size, task_cfg.grid))
-    state = load_checkpoint(ckpt, net, restore_rng=False)
+    # only the model's weights: the training-only probes may have changed shape since the run was made
+    weights = {k[len("model."):]: v for k, v in load_file(str(ckpt / "model.safetensors")).items()
+               if k.startswith("model.")}
+    model.load_state_dict(weights)
+    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     dest = Path(dest)
     model.save_pretrained(dest, dtype=dtype)
     tok.save(dest)
