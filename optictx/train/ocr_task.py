@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optictx.data.ocr_pages import Level, OCRPage, OCRPageSource, heldout_pages
+from optictx.data.ocr_pages import CELL_H, CELL_W, Level, OCRPage, OCRPageSource, heldout_pages
 from optictx.model.attention import apply_rope
 from optictx.model.decoder import causal_lm_loss
 from optictx.model.vlm import DeepseekOCRForCausalLM
@@ -74,25 +74,6 @@ class CharProbe(nn.Module):
         """feats [M, D] (every vector of the batch), index [N] into them, cell [N] -> logits [N, classes]."""
         h = self.proj(feats).view(feats.shape[0], self.cells, self.hidden)
         return self.mlp(h[index, cell])
-
-
-@dataclass
-class CharSites:
-    """Where every character of a batch is: page, grid row and column, and its class."""
-
-    page: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-    label: torch.Tensor
-
-    @staticmethod
-    def of(pages: list[OCRPage]) -> "CharSites":
-        out: list[tuple[int, int, int, int]] = []
-        for pi, page in enumerate(pages):
-            for r, (text, _) in enumerate(page.lines):
-                out += [(pi, r, c, CHAR_INDEX[ch]) for c, ch in enumerate(text) if ch in CHAR_INDEX]
-        t = torch.tensor(out, dtype=torch.long).reshape(-1, 4)
-        return CharSites(*t.unbind(1))
 
 
 class OCRTrainModule(nn.Module):
@@ -151,26 +132,24 @@ class ProbeSites:
 
     @staticmethod
     def of(pages: list[OCRPage], page_size: int, grid: int) -> "ProbeSites":
-        from optictx.data.ocr_pages import CELL_H, CELL_W
-
-        sites = CharSites.of(pages)
+        found = [(pi, r, c, CHAR_INDEX[ch]) for pi, page in enumerate(pages) for r, (text, _) in enumerate(page.lines)
+                 for c, ch in enumerate(text) if ch in CHAR_INDEX]
+        page, row, col, label = torch.tensor(found, dtype=torch.long).reshape(-1, 4).unbind(1)
         patch = page_size // (grid * 4)  # 16-px SAM patches: grid*4 per side
         px, py = patch // CELL_W, patch // CELL_H  # grid cells per patch (2 x 1)
         tx, ty = px * 4, py * 4  # grid cells per vision token (8 x 4)
         per_side = grid * 4
         return ProbeSites(
-            patch_index=(sites.page * per_side + sites.row // py) * per_side + sites.col // px,
-            patch_cell=(sites.row % py) * px + sites.col % px,
-            token_index=(sites.page * grid + sites.row // ty) * grid + sites.col // tx,
-            token_cell=(sites.row % ty) * tx + sites.col % tx,
-            label=sites.label,
+            patch_index=(page * per_side + row // py) * per_side + col // px,
+            patch_cell=(row % py) * px + col % px,
+            token_index=(page * grid + row // ty) * grid + col // tx,
+            token_cell=(row % ty) * tx + col % tx,
+            label=label,
         )
 
     @staticmethod
     def cells(page_size: int, grid: int) -> tuple[int, int]:
-        """(cells per patch, cells per token) for the probes' cell embeddings."""
-        from optictx.data.ocr_pages import CELL_H, CELL_W
-
+        """(cells per patch, cells per token): how many first layers each probe needs."""
         patch = page_size // (grid * 4)
         n = (patch // CELL_W) * (patch // CELL_H)
         return n, n * 16
