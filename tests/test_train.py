@@ -178,3 +178,24 @@ def test_patch_embedding_gradient_is_exact():
         assert err < 1e-5
     finally:
         torch.backends.mkldnn.enabled = enabled
+
+
+def test_cursor_targets_name_the_cell_inside_the_vision_token():
+    """The cursor target of a text token is the grid cell (row % 4, col % 8) of its first non-space character
+    inside its vision token; a token after a line break points at the next line's first cell."""
+    from optictx.data.ocr_pages import render_page
+    from optictx.train.ocr_task import cursor_cells
+
+    page = render_page("abcdefghij klm\nxyz", 256, 4)
+    assert [t for t, _ in page.lines] == ["abcdefghij klm", "xyz"]
+    cells = cursor_cells(page, 8, 4)
+    assert cells[:10] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]  # columns wrap every 8 cells
+    assert cells[14] == 8  # the newline looks at row 1, column 0
+    assert cells[15:] == [8, 9, 10]
+
+
+def test_cursor_probe_trains_in_the_micro_run(tmp_path):
+    rec = micro_recipe(2)
+    rec["ocr"]["cursor_weight"] = 0.5
+    rows = run_recipe(rec, tmp_path / "cursor")
+    assert float(rows[-1]["cursor"]) > 0

@@ -45,6 +45,7 @@ class OCRTaskConfig:
     token_weight: float = 1.0  # character probe on the vision tokens
     stage: str = "full"  # "encoder": train the encoder with the probes alone (no decoder), then "full"
     guide_weight: float = 0.5
+    cursor_weight: float = 0.0  # probe on the guided layers' input: which cell of its vision token is read next
     guide_layers: tuple[int, ...] = (1, 2)
     curriculum_steps: int = 4000  # steps to grow from 2 lines to full pages
     full_lines: int = 16
@@ -87,11 +88,12 @@ class OCRTrainModule(nn.Module):
         self.model = model
         self.glyph_probe = CharProbe(model.model.sam_model.neck[-1].weight.shape[0], patch_cells)
         self.token_probe = CharProbe(model.model.embed_tokens.embedding_dim, token_cells)
+        self.cursor_probe = nn.Linear(model.model.embed_tokens.embedding_dim, token_cells)
 
     def forward(self, pix: torch.Tensor, input_ids: torch.Tensor, guide_layers: tuple[int, ...] = (),
                 sites: "ProbeSites | None" = None, decode: bool = True):
         """-> (fp32 logits [B,T,V] or None, guided-head log-attention list, glyph-probe logits [N, C] or None,
-        token-probe logits [N, C] or None)."""
+        token-probe logits [N, C] or None, cursor-probe logits list [B, T, cells] per guided layer)."""
         model = self.model
         neck_out: list[torch.Tensor] = []
         neck_hook = model.model.sam_model.neck.register_forward_hook(lambda m, a, out: neck_out.append(out))
@@ -105,7 +107,7 @@ class OCRTrainModule(nn.Module):
             glyph = self.glyph_probe(neck, sites.patch_index, sites.patch_cell)
             token = self.token_probe(tokens.flatten(0, 1), sites.token_index, sites.token_cell)
         if not decode:  # encoder stage: the decoder is not run at all
-            return None, [], glyph, token
+            return None, [], glyph, token, []
         emb = model.model.embed_tokens(input_ids)
         emb = torch.cat([emb[:, :1], slots.to(emb.dtype), emb[:, 1 + slots.shape[1]:]], dim=1)
         captured: list[tuple] = []
@@ -117,7 +119,8 @@ class OCRTrainModule(nn.Module):
             for h in hooks:
                 h.remove()
         logits = model.lm_head(hidden).float()
-        return logits, [head_attention_logprobs(*c) for c in captured], glyph, token
+        return (logits, [head_attention_logprobs(*c) for c in captured], glyph, token,
+                [self.cursor_probe(x).float() for _, x, _ in captured])
 
 
 @dataclass
@@ -178,7 +181,7 @@ def slot_of_cell(cell: int, grid: int) -> int:
 
 
 def token_cells(tok: Tokenizer, text: str, cells: list[int]) -> tuple[list[int], list[int]]:
-    """Token ids of `text` and, per token, the cell of its first non-space character (-1 if none)."""
+    """Token ids of `text` and, per token, the value `cells` gives its first non-space character (-1 if none)."""
     enc = tok.hf.encode(text, add_special_tokens=False)
     out = []
     for start, end in enc.offsets:
@@ -192,11 +195,24 @@ def token_cells(tok: Tokenizer, text: str, cells: list[int]) -> tuple[list[int],
     return enc.ids, out
 
 
+def cursor_cells(page: OCRPage, tx: int, ty: int) -> list[int]:
+    """Per character of `page.text`, which of the tx*ty grid cells of its vision token it sits in; a newline
+    takes the next character's (where the reader goes next)."""
+    out: list[int] = []
+    for r, (text, _) in enumerate(page.lines):
+        if r:
+            out.append(-2)
+        out += [(r % ty) * tx + c % tx for c in range(len(text))]
+    return [out[i + 1] if v == -2 and i + 1 < len(out) else v for i, v in enumerate(out)]
+
+
 class OCRTask:
     def __init__(self, tok: Tokenizer, cfg: OCRTaskConfig):
         self.tok, self.cfg = tok, cfg
         self.source = OCRPageSource(cfg.seed, cfg.page_size, cfg.grid)
         self.n_slots = cfg.grid * (cfg.grid + 1) + 1
+        patch = cfg.page_size // (cfg.grid * 4)
+        self.token_shape = (patch // CELL_W * 4, patch // CELL_H * 4)  # grid cells per vision token (8 x 4)
         self.prompt_ids = tok.encode(PROMPT_AFTER_IMAGE)
         self._eval_pages: list[OCRPage] | None = None
 
@@ -207,18 +223,22 @@ class OCRTask:
 
     def collate(self, pages: list[OCRPage]) -> dict:
         cfg, tok = self.cfg, self.tok
-        seqs, labels, guides = [], [], []
+        seqs, labels, guides, cursors = [], [], [], []
         head = [tok.bos_id] + [tok.image_token_id] * self.n_slots + self.prompt_ids
+        tx, ty = self.token_shape
         for page in pages:
             ids, cells = token_cells(tok, page.text, page.char_cells)
+            _, cur = token_cells(tok, page.text, cursor_cells(page, tx, ty))
             seq = head + ids + [tok.eos_id]
             lab = [-100] * len(head) + ids + [tok.eos_id]
-            # query position q predicts token q+1: guide it to the slot holding that token's first character
-            g = [-1] * len(seq)
-            for j, cell in enumerate(cells):
+            # query position q predicts token q+1: guide it to the slot holding that token's first character,
+            # and ask it where inside that slot the character is (the cursor)
+            g, k = [-1] * len(seq), [-1] * len(seq)
+            for j, (cell, cc) in enumerate(zip(cells, cur)):
                 if cell >= 0:
                     g[len(head) + j - 1] = 1 + slot_of_cell(cell, cfg.grid)
-            seqs.append(seq), labels.append(lab), guides.append(g)
+                    k[len(head) + j - 1] = cc
+            seqs.append(seq), labels.append(lab), guides.append(g), cursors.append(k)
         t = max(map(len, seqs))
         pad = lambda rows, v: torch.tensor([r + [v] * (t - len(r)) for r in rows])  # noqa: E731
         return {
@@ -226,6 +246,7 @@ class OCRTask:
             "input_ids": pad(seqs, tok.pad_id),
             "labels": pad(labels, -100),
             "guide": pad(guides, -1),
+            "cursor": pad(cursors, -1),
             "sites": ProbeSites.of(pages, cfg.page_size, cfg.grid),
             "texts": [p.text for p in pages],
         }
@@ -241,16 +262,21 @@ class OCRTask:
         cfg = self.cfg
         decode = cfg.stage != "encoder"
         probe = cfg.glyph_weight > 0 or cfg.token_weight > 0
-        logits, guide_logp, glyph, token = net(batch["pixels"], batch["input_ids"],
-                                               cfg.guide_layers if cfg.guide_weight > 0 and decode else (),
-                                               batch["sites"] if probe else None, decode)
+        guided = cfg.guide_layers if (cfg.guide_weight > 0 or cfg.cursor_weight > 0) and decode else ()
+        logits, guide_logp, glyph, token, cursor = net(batch["pixels"], batch["input_ids"], guided,
+                                                       batch["sites"] if probe else None, decode)
         parts = {"tokens": float((batch["labels"] != -100).sum())}
         total = torch.zeros((), device=batch["pixels"].device)
         if logits is not None:
             lm = causal_lm_loss(logits, batch["labels"])
             total = total + lm
             parts["lm"] = float(lm.detach())
-        if guide_logp:
+        if cursor and cfg.cursor_weight > 0:
+            where = torch.stack([F.cross_entropy(c.transpose(1, 2), batch["cursor"], ignore_index=-1)
+                                 for c in cursor]).mean()
+            total = total + cfg.cursor_weight * where
+            parts["cursor"] = float(where.detach())
+        if guide_logp and cfg.guide_weight > 0:
             guide = torch.stack([guided_attention_loss(lp, batch["guide"]) for lp in guide_logp]).mean()
             total = total + cfg.guide_weight * guide
             parts["guide"] = float(guide.detach())
@@ -277,7 +303,7 @@ class OCRTask:
         was_training = net.training
         net.eval()
         batch = self.collate(self.eval_pages())
-        _, _, glyph, token = net(batch["pixels"], batch["input_ids"], (), batch["sites"], decode=False)
+        _, _, glyph, token, _ = net(batch["pixels"], batch["input_ids"], (), batch["sites"], decode=False)
         net.train(was_training)
         label = batch["sites"].label
         return {"eval_glyph_acc": float((glyph.argmax(-1) == label).float().mean()),
