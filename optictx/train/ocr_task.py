@@ -7,11 +7,13 @@ Loss = next-token cross-entropy on the page text (the real objective)
      + ``token_weight`` x character probe on the vision tokens: each of the 16 tokens must tell the character
                           at each of its 32 grid cells (so the tokens carry the text the decoder must read),
      + ``guide_weight`` x guided attention: one head in a few decoder layers is told which vision token
-                          holds the next character (the decoder otherwise never learned to copy from its input).
+                          holds the next character (the decoder otherwise never learned to copy from its input),
+     + ``cursor_weight`` x cursor probe: a linear read-out of those layers' input must name the cell (0-31) of
+                          the next character inside its vision token (the decoder read the first token only).
 All auxiliary signals come free from the grid layout (optictx.data.ocr_pages); the probes are training-only
 heads, so the exported weights are the plain DeepSeek-OCR layout.
 
-Curriculum: pages start with a line or two and grow to full pages (16 lines, ~10x compression).
+Curriculum: pages start with a line or two and grow to full pages (16 lines, 6-9x compression).
 """
 from __future__ import annotations
 
