@@ -117,9 +117,9 @@ class DecaySchedule:
         """Font size in pixels of this level's pages (a downsampled page scales its source's font)."""
         src = self.levels[self.source(level)]
         if src.font_size == GRID:
-            from optictx.data.ocr_pages import _grid_font
+            from optictx.data.ocr_pages import grid_font
 
-            return _grid_font().size * self.levels[level].side / src.side
+            return grid_font().size * self.levels[level].side / src.side
         return src.font_size * self.levels[level].side / src.side
 
     def age_level(self, age: int, scale: float = 1.0) -> int:
@@ -140,12 +140,13 @@ class DecaySchedule:
                 for i, lv in enumerate(self.levels)]
 
     @classmethod
-    def tiny(cls, **kw) -> "DecaySchedule":
+    def tiny(cls, by: str = "budget", min_age: Sequence[int] = (), **kw) -> "DecaySchedule":
         """For the bundled tiny model: one level, 256-px grid pages (16 vision tokens, up to 512 characters),
         the only layout it was trained to read. There is no cheaper mode to decay to, so under a tight
-        budget the oldest items are forgotten."""
-        kw.pop("min_age", None)
-        return cls((Level("nano", GRID),), (), **kw)
+        budget the oldest items are forgotten (``forget_after`` also forgets by age)."""
+        if tuple(min_age):
+            raise ConfigError("the tiny schedule has one level, so no ages; min_age applies to mono and paper")
+        return cls((Level("nano", GRID),), (), by, **kw)
 
     @classmethod
     def mono(cls, by: str = "budget", min_age: Sequence[int] = (8, 32, 128), **kw) -> "DecaySchedule":

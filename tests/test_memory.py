@@ -461,3 +461,8 @@ def test_default_memory_renders_grid_pages_the_bundled_model_reads():
     assert want.text == first.text and np.array_equal(np.asarray(first.image), np.asarray(want.image))
     assert m.schedule.describe()[0]["font_px"] > CELL_H / 2
     assert DecaySchedule(**m.schedule.to_json()) == m.schedule
+
+
+def test_tiny_schedule_refuses_ages():
+    with pytest.raises(ConfigError, match="one level"):
+        DecaySchedule.tiny(min_age=(4,))

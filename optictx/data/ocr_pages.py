@@ -85,7 +85,7 @@ CELL_W, CELL_H = 8, 16
 
 
 @lru_cache(maxsize=None)
-def _grid_font() -> ImageFont.FreeTypeFont:
+def grid_font() -> ImageFont.FreeTypeFont:
     font = ImageFont.truetype(tiny_model_font(), size=100)
     size = 100 * CELL_W / font.getlength("M")
     return ImageFont.truetype(tiny_model_font(), size=size)
@@ -136,7 +136,7 @@ def render_page(text: str, page_size: int = 256, grid: int = 4, max_lines: int |
     lines = wrap_grid(text, cols)[: min(rows, max_lines or rows)]
     image = Image.new("RGB", (page_size, page_size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    font = _grid_font()
+    font = grid_font()
     ascent, descent = font.getmetrics()
     baseline = (CELL_H - (ascent + descent)) / 2 + ascent  # glyphs centred vertically in the cell
     boxes = []
