@@ -43,41 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KEY = "load-test-key"
-MICRO = {  # the micro shape of tests/test_serve.py: ~0.1 s per page on one core
-    "sam": {"width": 32, "layers": 2, "heads": 2, "global_attn_indexes": [1], "downsample_channels": [32, 64],
-            "out_chans": 32},
-    "clip": {"width": 64, "layers": 1, "heads": 2, "ffn_hidden_size": 128},
-    "language": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
-                 "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 4,
-                 "num_experts_per_tok": 2},
-}
 SERVER_MAX_NEW = 4000  # the server's cap: high enough for the stream that holds the decoder in the queue phase
 MAX_BODY_MB = 1  # small, so an oversized body (one malformed kind) is cheap to send
 
 
 # --------------------------------------------------------------------------- model and server
 def micro_model_dir(folder: Path) -> Path:
-    """A random micro DeepSeek-OCR folder (config, safetensors, tokenizer); EOS gets a zero logit row so
-    greedy decoding never stops early and every answer has exactly the asked number of tokens."""
-    import torch
+    """The random micro model the serving tests use (tests/test_serve.py, ~0.1 s per page on one core): EOS
+    never wins greedy decoding, so every answer has exactly the asked number of tokens."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_serve import random_model_dir
 
-    from optictx.config import ocr_tiny
-    from optictx.model.vlm import DeepseekOCRForCausalLM
-    from optictx.tokenizer import train_bpe
-    from optictx.train.ocr_run import apply_overrides
-
-    tok = train_bpe([f"Load test page {i}: the quick brown fox jumps over the lazy dog." for i in range(200)],
-                    vocab_size=400)
-    cfg = ocr_tiny()
-    apply_overrides(cfg, MICRO)
-    cfg.language_config.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    model = DeepseekOCRForCausalLM(cfg, image_token_id=tok.image_token_id)
-    with torch.no_grad():
-        model.lm_head.weight[tok.eos_id] = 0.0
-    model.save_pretrained(folder)
-    tok.save(folder)
-    return folder
+    return random_model_dir(folder)
 
 
 def free_port() -> int:

@@ -175,6 +175,12 @@ def kill_after(zygote: Zygote, pid: int, ready, delay: float, timeout: float = 1
     return time.monotonic() - t0
 
 
+def last_reported(progress: Path) -> int:
+    """The last number a child wrote to its progress file (0 before the first)."""
+    lines = progress.read_text().split() if progress.exists() else []
+    return int(lines[-1]) if lines else 0
+
+
 def log_tail(zygote: Zygote, name: str) -> str:
     path = zygote.log_dir / f"{name}.log"
     return path.read_text(errors="replace")[-3000:] if path.is_file() else ""
@@ -360,20 +366,16 @@ def test_memory_save_survives_random_sigkills(tmp_path, zygote):
     code = MEMORY_CHILD.format(folder=str(folder), turns=str(tmp_path / "turns.json"), progress=str(progress))
     rng = random.Random(SEED + 1)
 
-    def reported() -> int:
-        lines = progress.read_text().split() if progress.exists() else []
-        return int(lines[-1]) if lines else 0
-
     mid_save, counts = 0, []
     for k in range(6):
-        before = reported()
+        before = last_reported(progress)
         pid = zygote.start(f"mem-{k}", code=code)
-        kill_after(zygote, pid, lambda b=before: reported() > b, rng.uniform(0, 0.6))
+        kill_after(zygote, pid, lambda b=before: last_reported(progress) > b, rng.uniform(0, 0.6))
         ended = zygote.wait()
         assert ended.signal == signal.SIGKILL, (ended, log_tail(zygote, f"mem-{k}"))
         stray = [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
         mid_save += bool(stray)
-        done = reported()
+        done = last_reported(progress)
         m = OpticalMemory.load(folder)
         n = len(m.entries)
         assert n in (done, done + 1), (n, done)  # a finished save is never lost; at most one more landed
@@ -443,19 +445,15 @@ def test_checkpoint_save_survives_random_sigkills(tmp_path, zygote):
     code = CKPT_CHILD.format(root=str(root), progress=str(progress))
     rng = random.Random(SEED + 2)
 
-    def reported() -> int:
-        lines = progress.read_text().split() if progress.exists() else []
-        return int(lines[-1]) if lines else 0
-
     mid_save, steps = 0, []
     for k in range(8):
-        before = reported()
+        before = last_reported(progress)
         pid = zygote.start(f"ckpt-{k}", code=code)
-        kill_after(zygote, pid, lambda b=before: reported() > b, rng.uniform(0, 0.5))
+        kill_after(zygote, pid, lambda b=before: last_reported(progress) > b, rng.uniform(0, 0.5))
         ended = zygote.wait()
         assert ended.signal == signal.SIGKILL, (ended, log_tail(zygote, f"ckpt-{k}"))
         mid_save += any(p.name.startswith(".tmp-step-") for p in root.iterdir())
-        done = reported()
+        done = last_reported(progress)
         latest = latest_checkpoint(root)
         model = ckpt_model()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
