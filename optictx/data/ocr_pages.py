@@ -51,6 +51,14 @@ class Level:
     max_lines: int
 
 
+NEWLINE = -2  # placeholder for the "\n" between lines in per-character lists
+
+
+def newlines_look_ahead(values: list[int]) -> list[int]:
+    """Give each NEWLINE placeholder the next character's value (what the reader looks at next); -1 at the end."""
+    return [(values[i + 1] if i + 1 < len(values) else -1) if v == NEWLINE else v for i, v in enumerate(values)]
+
+
 def char_cells(text_lines: list[tuple[str, tuple[float, float, float, float]]], page_size: int, grid: int) -> list[int]:
     """Map each character (and the "\n" between lines) to the grid cell under its centre.
 
@@ -61,7 +69,7 @@ def char_cells(text_lines: list[tuple[str, tuple[float, float, float, float]]], 
     out: list[int] = []
     for li, (line, (x1, y1, x2, y2)) in enumerate(text_lines):
         if li > 0:
-            out.append(-2)  # placeholder for the "\n": filled below
+            out.append(NEWLINE)
         n = max(1, len(line))
         yc = (y1 + y2) / 2
         row = min(grid - 1, max(0, int(yc // cell)))
@@ -69,10 +77,7 @@ def char_cells(text_lines: list[tuple[str, tuple[float, float, float, float]]], 
             xc = x1 + (i + 0.5) * (x2 - x1) / n
             col = min(grid - 1, max(0, int(xc // cell)))
             out.append(row * grid + col)
-    for i, c in enumerate(out):  # a newline looks at the next character's cell
-        if c == -2:
-            out[i] = out[i + 1] if i + 1 < len(out) else -1
-    return out
+    return newlines_look_ahead(out)
 
 
 # The bundled model reads a typewriter grid: every character sits in its own 8 x 16 px cell, so two characters

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optictx.data.ocr_pages import CELL_H, CELL_W, Level, OCRPage, OCRPageSource, heldout_pages
+from optictx.data.ocr_pages import (CELL_H, CELL_W, NEWLINE, Level, OCRPage, OCRPageSource, heldout_pages,
+                                    newlines_look_ahead)
 from optictx.model.attention import apply_rope
 from optictx.model.decoder import causal_lm_loss
 from optictx.model.vlm import DeepseekOCRForCausalLM
@@ -203,9 +204,9 @@ def cursor_cells(page: OCRPage, tx: int, ty: int) -> list[int]:
     out: list[int] = []
     for r, (text, _) in enumerate(page.lines):
         if r:
-            out.append(-2)
+            out.append(NEWLINE)
         out += [(r % ty) * tx + c % tx for c in range(len(text))]
-    return [out[i + 1] if v == -2 and i + 1 < len(out) else v for i, v in enumerate(out)]
+    return newlines_look_ahead(out)
 
 
 class OCRTask:
