@@ -199,6 +199,11 @@ class IncrementalDecoder:
         self.stopped = False
 
     def _piece(self, final: bool) -> str:
+        if getattr(self.tok, "needs_full_context", False):
+            # grid tags (optictx.grid_tokenizer): a slice lacks its position marker, so decode it all; a
+            # character placed before the end (out of reading order) is not shown until the final text
+            full = self.tok.decode(self.ids)
+            return full[len(self.text):] if full.startswith(self.text) else ""
         prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
         new_text = self.tok.decode(self.ids[self.prefix:])
         if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
@@ -221,6 +226,9 @@ class IncrementalDecoder:
         """Flush everything held back (the sequence ended)."""
         if not self.stopped:
             self.text += self._piece(final=True)
+            if getattr(self.tok, "needs_full_context", False):  # out-of-order grid characters land here
+                self.text = self.tok.decode(self.ids)
+                self.emitted = min(self.emitted, len(self.text))
         return self._emit(True)
 
     def _emit(self, final: bool) -> str:

@@ -97,7 +97,7 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on bad json
             raise TokenizerError(f"cannot read {path}: {e}") from e
-        names = {}
+        names, cfg = {}, {}
         cfg_path = path.parent / "tokenizer_config.json"
         if cfg_path.is_file():
             try:
@@ -112,7 +112,12 @@ class Tokenizer:
                     value = value.get("content")
                 if isinstance(value, str):
                     names[key] = value
-        tok = cls(hf, **names)
+        if cfg.get("tokenizer_class") == "OptictxGridTokenizer":  # the tiny model's cell-tagged characters
+            from optictx.grid_tokenizer import from_config
+
+            tok = from_config(hf, cfg, names)
+        else:
+            tok = cls(hf, **names)
         if hf.token_to_id(IMAGE) is None:
             raise TokenizerError(f"{path} has no {IMAGE} token; it cannot drive an OCR model")
         return tok

@@ -199,3 +199,37 @@ def test_cursor_probe_trains_in_the_micro_run(tmp_path):
     rec["ocr"]["cursor_weight"] = 0.5
     rows = run_recipe(rec, tmp_path / "cursor")
     assert float(rows[-1]["cursor"]) > 0
+
+
+def test_grid_vocabulary_run_warm_starts_from_a_bpe_run(tmp_path):
+    """A grid-tagged recipe warm-started from a BPE model keeps the encoder and decoder layers, starts the token
+    embeddings and lm_head fresh with factorized rows, and guides attention to the token each id is about."""
+    from safetensors.torch import load_file
+
+    from optictx.grid_tokenizer import GridTokenizer
+    from optictx.train.ocr_run import export_run, prepare_ocr
+    from optictx.train.ocr_task import slot_of_cell
+
+    bpe = micro_recipe(1)
+    run_recipe(bpe, tmp_path / "bpe")
+    export_run(tmp_path / "bpe", tmp_path / "bpe-export", dtype="float32")
+    rec = micro_recipe(1)
+    rec["tokenizer"] = {"kind": "grid"}
+    rec["init_from"] = str(tmp_path / "bpe-export")
+    net, task, _ = prepare_ocr(rec, tmp_path / "grid")
+    tok = task.tok
+    assert isinstance(tok, GridTokenizer)
+    exported = load_file(str(next((tmp_path / "bpe-export").glob("*.safetensors"))))
+    own = net.model.state_dict()
+    for key in ("model.sam_model.patch_embed.proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(own[key], exported[key])
+    emb = own["model.embed_tokens.weight"]
+    assert emb.shape[0] == tok.vocab_size != exported["model.embed_tokens.weight"].shape[0]
+    a3, a4, b3, b4 = (tok.tag_ids[k] for k in (("a", 3), ("a", 4), ("b", 3), ("b", 4)))
+    assert torch.allclose(emb[a3] - emb[a4], emb[b3] - emb[b4], atol=1e-6)
+
+    batch = task.batch(0, 0, 0, 1)
+    head = 1 + task.n_slots + len(task.prompt_ids)
+    ids, tokens = tok.encode_lines([line for line, _ in task.source.page(0, task.level(0)).lines])
+    assert batch["input_ids"][0, head:head + len(ids)].tolist() == ids
+    assert batch["guide"][0, head - 1:head - 1 + len(ids)].tolist() == [1 + slot_of_cell(t, 4) for t in tokens]

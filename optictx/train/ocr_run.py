@@ -9,6 +9,7 @@ import torch
 
 from optictx.config import preset
 from optictx.errors import ConfigError
+from optictx.grid_tokenizer import GridTokenizer
 from optictx.tokenizer import Tokenizer, train_bpe
 from optictx.train.loop import TrainConfig, barrier, init_distributed, train
 from optictx.train.ocr_task import OCRTask, OCRTaskConfig, OCRTrainModule, ProbeSites
@@ -29,11 +30,17 @@ def build_tokenizer(recipe: dict, out: Path) -> Tokenizer:
     folder = out / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.from_pretrained(folder)
+    spec = recipe.get("tokenizer", {})
+    if spec.get("kind") == "grid":  # cell-tagged characters (optictx.grid_tokenizer): nothing to train
+        from optictx.grid_tokenizer import build_grid_tokenizer
+
+        tok = build_grid_tokenizer()
+        tok.save(folder)
+        return tok
     if recipe.get("init_from"):  # warm start: the tokenizer must be the one the weights were trained with
         tok = Tokenizer.from_pretrained(recipe["init_from"])
         tok.save(folder)
         return tok
-    spec = recipe.get("tokenizer", {})
     texts = tokenizer_training_text(spec.get("seed", 0), spec.get("samples", 20000))
     tok = train_bpe(texts, vocab_size=spec.get("vocab_size", 4096))
     tok.save(folder)
@@ -64,7 +71,43 @@ def build_model(recipe: dict, tok: Tokenizer):
     cfg.language_config.bos_token_id, cfg.language_config.eos_token_id = tok.bos_id, tok.eos_id
     cfg.language_config.pad_token_id = tok.pad_id
     torch.manual_seed(recipe.get("train", {}).get("seed", 0))
-    return cfg, DeepseekOCRForCausalLM(cfg, image_token_id=tok.image_token_id)
+    model = DeepseekOCRForCausalLM(cfg, image_token_id=tok.image_token_id)
+    if isinstance(tok, GridTokenizer):
+        factorized_init(model, tok)
+    return cfg, model
+
+
+@torch.no_grad()
+def factorized_init(model, tok: "GridTokenizer") -> None:
+    """Start every tagged character's embedding and output row as (its character's) + (its cell's) vector.
+
+    The 3,040 tags are 95 characters x 32 cells; sharing the character part from the start lets what is learnt
+    about "e" at one cell carry to the other 31 instead of learning 32 unrelated rows.
+    """
+    for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
+        std = float(weight.std())
+        chars = {ch: torch.randn(weight.shape[1]) * std / 2**0.5 for ch in {k for k, _ in tok.tag_ids}}
+        cells = torch.randn(tok.geom.cells, weight.shape[1]) * std / 2**0.5
+        for (ch, cell), i in tok.tag_ids.items():
+            weight[i] = chars[ch] + cells[cell]
+
+
+def warm_start(model, folder: str | Path) -> None:
+    """Load an exported model folder into ``model``; token embeddings and the output head are kept as they are
+    when the vocabularies differ (e.g. a BPE model's encoder and decoder layers under the grid vocabulary)."""
+    from optictx.weights import iter_tensors, load_into
+
+    own = model.state_dict()
+    vocab_keys = {"model.embed_tokens.weight", "lm_head.weight"}
+    found = dict(iter_tensors(folder, torch.float32, "cpu"))
+    if all(found[k].shape == own[k].shape for k in vocab_keys if k in found):
+        load_into(model, folder, dtype=torch.float32, device="cpu")
+        return
+    print(f"init_from {folder}: another vocabulary; token embeddings and lm_head start fresh", flush=True)
+    missing = own.keys() - found.keys() - vocab_keys
+    if missing:
+        raise ConfigError(f"init_from {folder} lacks {sorted(missing)[:5]}")
+    model.load_state_dict({k: v for k, v in found.items() if k not in vocab_keys}, strict=False)
 
 
 def prepare_ocr(recipe: dict, out: str | Path):
@@ -83,11 +126,19 @@ def prepare_ocr(recipe: dict, out: str | Path):
     if recipe.get("init_from"):
         # Warm start from an exported model folder (e.g. the bundled weights): used only when the run has no
         # checkpoint yet; resuming from a checkpoint restores everything, optimizer included.
-        from optictx.weights import load_into
-
-        load_into(model, recipe["init_from"], dtype=torch.float32, device="cpu")
+        warm_start(model, recipe["init_from"])
     task_cfg = OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {})))
     net = OCRTrainModule(model, *ProbeSites.cells(task_cfg.page_size, task_cfg.grid))
+    if recipe.get("init_probes_from"):
+        # the probes of a warm start's own run (a checkpoint folder): fresh probes would send noise into
+        # an encoder that already sees every glyph until they relearn
+        from safetensors.torch import load_file
+
+        found = load_file(str(Path(recipe["init_probes_from"]) / "model.safetensors"))
+        probes = {k: v for k, v in found.items() if k.split(".")[0] in ("glyph_probe", "token_probe")}
+        if not probes:
+            raise ConfigError(f"init_probes_from {recipe['init_probes_from']}: no probe weights")
+        net.load_state_dict(probes, strict=False)
     train_cfg = TrainConfig(out_dir=str(out), **_fields(TrainConfig, recipe.get("train", {})))
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())

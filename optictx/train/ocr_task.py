@@ -31,6 +31,7 @@ from optictx.data.ocr_pages import (CELL_H, CELL_W, NEWLINE, Level, OCRPage, OCR
 from optictx.model.attention import apply_rope
 from optictx.model.decoder import causal_lm_loss
 from optictx.model.vlm import DeepseekOCRForCausalLM
+from optictx.grid_tokenizer import GridTokenizer
 from optictx.tokenizer import Tokenizer
 
 PROMPT_AFTER_IMAGE = "\nFree OCR."
@@ -230,8 +231,12 @@ class OCRTask:
         head = [tok.bos_id] + [tok.image_token_id] * self.n_slots + self.prompt_ids
         tx, ty = self.token_shape
         for page in pages:
-            ids, cells = token_cells(tok, page.text, page.char_cells)
-            _, cur = token_cells(tok, page.text, cursor_cells(page, tx, ty))
+            if isinstance(tok, GridTokenizer):  # cell-tagged characters: each id names its vision token
+                ids, cells = tok.encode_lines([line for line, _ in page.lines])
+                cur = [tok.kind[i][2] if tok.kind[i][0] == "tag" else -1 for i in ids]
+            else:
+                ids, cells = token_cells(tok, page.text, page.char_cells)
+                _, cur = token_cells(tok, page.text, cursor_cells(page, tx, ty))
             seq = head + ids + [tok.eos_id]
             lab = [-100] * len(head) + ids + [tok.eos_id]
             # query position q predicts token q+1: guide it to the slot holding that token's first character,
