@@ -233,3 +233,25 @@ def test_grid_vocabulary_run_warm_starts_from_a_bpe_run(tmp_path):
     ids, tokens = tok.encode_lines([line for line, _ in task.source.page(0, task.level(0)).lines])
     assert batch["input_ids"][0, head:head + len(ids)].tolist() == ids
     assert batch["guide"][0, head - 1:head - 1 + len(ids)].tolist() == [1 + slot_of_cell(t, 4) for t in tokens]
+
+
+def test_guided_attention_logprobs_are_the_modules_own_attention():
+    """The guided loss must see the attention the layer really computes: recomputing every head's weights and
+    applying them to the values reproduces the module's output; the loss is -log of the mass on the target."""
+    from optictx.config import DeepseekV2Config
+    from optictx.model.attention import MHAttention
+    from optictx.train.ocr_task import guided_attention_loss, head_attention_logprobs
+
+    torch.manual_seed(0)
+    cfg = DeepseekV2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, use_mla=False)
+    attn = MHAttention(cfg)
+    x, pos = torch.randn(2, 7, 32), torch.arange(7).expand(2, 7)
+    logp = head_attention_logprobs(attn, x, pos, heads=4)
+    assert logp.shape == (2, 4, 7, 7)
+    v = attn.v_proj(x).view(2, 7, 4, 8).transpose(1, 2)
+    out = attn.o_proj((logp.exp() @ v).transpose(1, 2).reshape(2, 7, 32))
+    assert torch.allclose(out, attn(x, pos), atol=1e-5)
+    targets = torch.full((2, 7), -1)
+    targets[0, 3], targets[1, 6] = 1, 0
+    want = -(logp[0, :, 3, 1].sum() + logp[1, :, 6, 0].sum()) / 8
+    assert torch.allclose(guided_attention_loss(logp, targets), want)

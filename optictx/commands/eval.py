@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--pages", type=int, default=32, help="pages, from one line to a full page (default 32)")
     c.add_argument("--out", default="out/eval-compression", help="folder for results.json and the plot")
     c.add_argument("--no-tesseract", action="store_true", help="skip the Tesseract baseline column")
-    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--max-new-tokens", type=int, default=1024)
     c.set_defaults(func=run_compression)
 
     for name, helptext in (("primitives", "counting / pointing / grounding / maze / path-tracing accuracy"),

@@ -51,12 +51,13 @@ class OCRTaskConfig:
     guide_weight: float = 0.5
     cursor_weight: float = 0.0  # probe on the guided layers' input: which cell of its vision token is read next
     guide_layers: tuple[int, ...] = (1, 2)
+    guide_heads: int = 1  # guided heads per layer: one head's 64-d value carries only part of a 32-cell token
     curriculum_steps: int = 4000  # steps to grow from 2 lines to full pages
     full_lines: int = 16
     eval_pages: int = 12
     eval_lines: tuple[int, ...] = (4, 8, 16)
     eval_decode_pages: int = 3
-    max_new_tokens: int = 400
+    max_new_tokens: int = 640  # a full grid page: <= 512 tagged characters + 64 markers
     extra: dict = field(default_factory=dict)
 
 
@@ -95,7 +96,7 @@ class OCRTrainModule(nn.Module):
         self.cursor_probe = nn.Linear(model.model.embed_tokens.embedding_dim, token_cells)
 
     def forward(self, pix: torch.Tensor, input_ids: torch.Tensor, guide_layers: tuple[int, ...] = (),
-                sites: "ProbeSites | None" = None, decode: bool = True):
+                sites: "ProbeSites | None" = None, decode: bool = True, guide_heads: int = 1):
         """-> (fp32 logits [B,T,V] or None, guided-head log-attention list, glyph-probe logits [N, C] or None,
         token-probe logits [N, C] or None, cursor-probe logits list [B, T, cells] per guided layer)."""
         model = self.model
@@ -123,7 +124,7 @@ class OCRTrainModule(nn.Module):
             for h in hooks:
                 h.remove()
         logits = model.lm_head(hidden).float()
-        return (logits, [head_attention_logprobs(*c) for c in captured], glyph, token,
+        return (logits, [head_attention_logprobs(*c, heads=guide_heads) for c in captured], glyph, token,
                 [self.cursor_probe(x).float() for _, x, _ in captured])
 
 
@@ -272,7 +273,7 @@ class OCRTask:
         probe = cfg.glyph_weight > 0 or cfg.token_weight > 0
         guided = cfg.guide_layers if (cfg.guide_weight > 0 or cfg.cursor_weight > 0) and decode else ()
         logits, guide_logp, glyph, token, cursor = net(batch["pixels"], batch["input_ids"], guided,
-                                                       batch["sites"] if probe else None, decode)
+                                                       batch["sites"] if probe else None, decode, cfg.guide_heads)
         parts = {"tokens": float((batch["labels"] != -100).sum())}
         total = torch.zeros((), device=batch["pixels"].device)
         if logits is not None:
@@ -347,24 +348,30 @@ class OCRTask:
                 "gap": float(swap_loss - true_loss), "eval_precision": p, "eval_recall": r, "eval_ned": ned}
 
 
-def head_attention_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Causal log-attention [B, T, T] of head 0 of an MHAttention module, recomputed from its input."""
+def head_attention_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, heads: int = 1
+                            ) -> torch.Tensor:
+    """Causal log-attention [B, heads, T, T] of the first `heads` heads of an MHAttention module, recomputed
+    from its input."""
     b, t, _ = x.shape
     d = attn.head_dim
-    q = apply_rope(attn.q_proj(x)[..., :d].view(b, 1, t, d), position_ids, attn.rope_theta)[:, 0]
-    k = apply_rope(attn.k_proj(x)[..., :d].view(b, 1, t, d), position_ids, attn.rope_theta)[:, 0]
+    q = apply_rope(attn.q_proj(x)[..., :heads * d].view(b, t, heads, d).transpose(1, 2), position_ids,
+                   attn.rope_theta)
+    k = apply_rope(attn.k_proj(x)[..., :heads * d].view(b, t, heads, d).transpose(1, 2), position_ids,
+                   attn.rope_theta)
     scores = (q @ k.transpose(-1, -2)).float() / d**0.5
     causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
     return scores.masked_fill(~causal, float("-inf")).log_softmax(-1)
 
 
 def guided_attention_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log attention mass on the target key (the slot holding the next character), over guided queries."""
+    """-log attention mass on the target key (the slot holding the next character), over guided queries and
+    heads. logp [B, H, T, T], targets [B, T]."""
     mask = targets >= 0
     if not mask.any():
         return logp.sum() * 0
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return -(picked[mask]).mean()
+    index = targets.clamp(min=0)[:, None, :, None].expand(-1, logp.shape[1], -1, 1)
+    picked = logp.gather(-1, index).squeeze(-1)  # [B, H, T]
+    return -(picked.transpose(1, 2)[mask]).mean()
 
 
 @torch.no_grad()
