@@ -300,3 +300,113 @@ def test_tesseract_reads_a_rendered_12pt_page_at_144dpi():
     ref, got = " ".join(page.text.split()), " ".join(read.split())
     cer = Levenshtein.distance(ref, got) / len(ref)
     assert cer <= 0.01, (cer, got[:300])
+
+
+# --------------------------------------------------------------------------- the fast path against the exact one
+def _painted(text: str, style: PageStyle, exact: bool):
+    """Every page of ``text``, painted by the sprite painter or (``exact``) by the reference painter."""
+    from optictx.render.text import _lines, layout, metrics, paint, paragraphs, prepare
+
+    text, ts = prepare(text, style)
+    m = metrics(style, ts)
+    pages, _ = layout(_lines(paragraphs(text), ts, style.column_width), m.per_column, style.columns)
+    return [paint(cols, ts, style, m, i, exact=exact) for i, cols in enumerate(pages)]
+
+
+CODE = "int([x]) -> x.__int__(); {'a': 1, \"b\": [2]} ~!@#$%^&*_+=|\\<>?/` fj Te Yo AV LT ffi 3.14 1,000"
+FAST_CASES = {
+    "prose": (PROSE * 3, SMALL),
+    "code": ((CODE + " ") * 6, SMALL.with_(font_family="mono", font_size=13)),
+    "scripts": ("Hello Привет Γειά σου naïve café — x\u0301y e\u0308 (jp) [Ẫ] ÉÅ ||| gjpq " * 4, SMALL),
+    # lines whose ink overlaps, columns that touch, no margin: the darker-wins pastes
+    "crowded": ((PROSE + CODE) * 2, PageStyle(width=600, height=400, margin=0, font_size=17, columns=3,
+                                              column_gap=0, line_spacing=0.8)),
+    "colours": (PROSE, SMALL.with_(fg=(200, 30, 30), bg=(10, 20, 30))),
+    "tiny": (PROSE * 2, PageStyle(width=256, height=256, margin=4, font_family="mono", font_size=10,
+                                  line_spacing=1.15)),
+    "spaces": ("   indented   gaps        wide\n\n" + "x" * 200 + " end " + "y" * 70, SMALL),
+}
+
+
+@needs_noto
+@pytest.mark.parametrize("case", sorted(FAST_CASES))
+def test_sprite_painter_draws_the_exact_painters_pixels_and_boxes(case):
+    text, style = FAST_CASES[case]
+    fast, exact = _painted(text, style, False), _painted(text, style, True)
+    assert len(fast) == len(exact) >= 1
+    for a, b in zip(fast, exact):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert (a.text, a.lines, a.word_boxes, a.blocks) == (b.text, b.lines, b.word_boxes, b.blocks)
+
+
+@needs_noto
+@needs_arabic
+@needs_cjk
+def test_sprite_painter_matches_on_shaped_and_cjk_text():
+    text = "مرحبا بالعالم hello 123 عالم\n光学压缩把长文本渲染成图像再读回来。Optical compression。" * 3
+    for style in (SMALL, SMALL.with_(font_family="cjk")):
+        for a, b in zip(_painted(text, style, False), _painted(text, style, True)):
+            assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+            assert (a.lines, a.word_boxes) == (b.lines, b.word_boxes)
+
+
+@needs_noto
+def test_sprite_painter_ink_lies_inside_its_word_boxes():
+    page = render_text((PROSE + " " + CODE + " ") * 3, PageStyle(width=720, height=560, margin=24, font_size=18))[0]
+    ink = ink_of(page.image)
+    assert ink.sum() > 0 and len(page.words) > 100
+    assert ink[inside([w.box_px for w in page.words], ink.shape)].sum() == ink.sum()
+    for w in page.words:  # tight: ink on every edge of every word box
+        x1, y1, x2, y2 = w.box_px
+        crop = ink[y1:y2, x1:x2]
+        assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any(), w
+
+
+@needs_noto
+def test_batched_advances_equal_the_per_character_sums():
+    """Typesetter.measure (one numpy pass) must give the bit-identical advances of the Python loop, or
+    line breaks would differ from the exact path's."""
+    from optictx.render.typeset import MIN_BATCH, Typesetter, stack_for
+
+    words = sorted(set((PROSE + " " + CODE).split()) | {w + p for w in PROSE.split()[:40] for p in ".,;)"})
+    assert len(words) >= MIN_BATCH
+    for family, size in (("sans", 19), ("mono", 10), ("serif", 33)):
+        ts = Typesetter(stack_for(family), size)  # a fresh one: nothing cached yet
+        ts.measure(words)
+        ref = Typesetter(stack_for(family), size)
+        assert [ts._adv[w] for w in words] == [sum(ref._run_advance(f, t) for f, t in ref.runs(w)) for w in words]
+
+
+@needs_noto
+def test_cmap_reader_agrees_with_fonttools():
+    from fontTools.ttLib import TTFont
+
+    from optictx.render.fonts import _cmap_codes, font_stack
+
+    faces = {primary_font("sans"), primary_font("mono"), *font_stack("sans")[1:3]}
+    cjk = find_font([("NotoSansCJK-Regular.ttc", 2)])
+    faces |= {cjk} if cjk else set()
+    for ff in faces:
+        cmap = TTFont(ff.path, fontNumber=ff.index, lazy=True).getBestCmap()
+        assert _cmap_codes(ff.path, ff.index) == {cp for cp, glyph in cmap.items() if glyph != ".notdef"}, ff
+
+
+@needs_noto
+def test_sprite_cache_dropped_between_pages_and_shared_by_threads(monkeypatch):
+    """A full sprite cache is dropped between pages (never under one) and threads share it: the pages
+    come out as a single thread with an ample cache draws them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from optictx.render import typeset
+
+    style = SMALL.with_(font_size=15)
+    texts = [(PROSE + " " + CODE + f" page {i} ") * 2 for i in range(8)]
+    want = [np.asarray(render_text(t, style)[0].image) for t in texts]
+    monkeypatch.setattr(typeset, "WORD_CACHE_BYTES", 20_000)  # a few dozen words
+    typeset.typesetter.cache_clear()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda t: np.asarray(render_text(t, style)[0].image), texts * 3))
+    finally:
+        typeset.typesetter.cache_clear()
+    assert all(np.array_equal(g, want[i % len(texts)]) for i, g in enumerate(got))

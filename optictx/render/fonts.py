@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,14 +116,73 @@ def font_stack(family: str, bold: bool = False) -> tuple[FontFile, ...]:
 @functools.lru_cache(maxsize=64)
 def coverage(ff: FontFile) -> frozenset[int]:
     """Code points the face maps to a real glyph (its cmap). Unmapped ones would draw .notdef."""
-    from fontTools.ttLib import TTFont
-
     try:
+        got = _cmap_codes(ff.path, ff.index)
+        if got is not None:
+            return got
+        from fontTools.ttLib import TTFont
+
         font = TTFont(ff.path, fontNumber=ff.index, lazy=True)
         cmap = font.getBestCmap() or {}
     except Exception as e:  # a broken font file must not pass as "covers nothing" silently
         raise RenderError(f"cannot read font {ff.path}: {e}") from e
     return frozenset(cp for cp, glyph in cmap.items() if glyph != ".notdef")
+
+
+CMAP_PREFERENCE = ((3, 10), (0, 6), (0, 4), (3, 1), (0, 3), (0, 2), (0, 1), (0, 0))
+"""(platform, encoding) of the Unicode cmap subtable to read, best first: fontTools' getBestCmap order."""
+
+
+def _cmap_codes(path: str, index: int) -> frozenset[int] | None:
+    """The code points of the face's best Unicode cmap subtable that map to a glyph other than 0
+    (.notdef), read straight from the file: what fontTools' getBestCmap gives, without building glyph
+    names (half a second for a CJK font, most of the cost of a cold first page). Formats 4 and 12, the
+    ones Unicode fonts use; None for anything else (the caller falls back to fontTools)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] == b"ttcf":  # a collection: the face's own table directory
+            if index >= struct.unpack(">I", head[8:12])[0]:
+                return None
+            f.seek(12 + 4 * index)
+            f.seek(struct.unpack(">I", f.read(4))[0])
+            head = f.read(12)
+        elif index:
+            return None
+        n = struct.unpack(">H", head[4:6])[0]
+        tables = {rec[0]: rec[2:] for rec in struct.iter_unpack(">4sIII", f.read(16 * n))}
+        if b"cmap" not in tables:
+            return None
+        offset, length = tables[b"cmap"]
+        f.seek(offset)
+        cmap = f.read(length)
+    n = struct.unpack(">H", cmap[2:4])[0]
+    subtables = {(p, e): off for p, e, off in struct.iter_unpack(">HHI", cmap[4:4 + 8 * n])}
+    off = next((subtables[k] for k in CMAP_PREFERENCE if k in subtables), None)
+    if off is None:
+        return None
+    fmt = struct.unpack(">H", cmap[off:off + 2])[0]
+    if fmt == 12:
+        n = struct.unpack(">I", cmap[off + 12:off + 16])[0]
+        groups = struct.iter_unpack(">III", cmap[off + 16:off + 16 + 12 * n])  # start, end, first glyph
+        return frozenset(c for start, end, glyph in groups for c in range(start + (glyph == 0), end + 1))
+    if fmt == 4:  # segments: endCode[], pad, startCode[], idDelta[], idRangeOffset[], glyphIdArray[]
+        segs = struct.unpack(">H", cmap[off + 6:off + 8])[0] // 2
+        field = off + 16 + 6 * segs  # idRangeOffset[0]
+        ends, starts, deltas, ranges = (struct.unpack(f">{segs}H", cmap[at:at + 2 * segs])
+                                        for at in (off + 14, off + 16 + 2 * segs, off + 16 + 4 * segs, field))
+        codes = []
+        for i, (start, end, delta, ro) in enumerate(zip(starts, ends, deltas, ranges)):
+            for c in range(start, end + 1):
+                if ro:  # the glyph comes from glyphIdArray, at an offset from this idRangeOffset field
+                    at = field + 2 * i + ro + 2 * (c - start)
+                    glyph = struct.unpack(">H", cmap[at:at + 2])[0] if at + 2 <= len(cmap) else 0
+                    glyph = (glyph + delta) & 0xFFFF if glyph else 0
+                else:
+                    glyph = (c + delta) & 0xFFFF
+                if glyph:
+                    codes.append(c)
+        return frozenset(codes)
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,6 +217,11 @@ class FontStack:
         self.fonts = fonts
         self._choice: dict[str, int] = {}
 
+    @functools.cached_property
+    def draws_ascii(self) -> bool:
+        """The primary face has every printable ASCII character."""
+        return all(cp in coverage(self.fonts[0]) for cp in range(0x21, 0x7F))
+
     def face_of(self, ch: str) -> int:
         """Index in ``fonts`` of the face that draws ``ch``; -1 when none does."""
         got = self._choice.get(ch)
@@ -168,6 +233,8 @@ class FontStack:
 
     def check(self, text: str) -> None:
         """Raise RenderError naming every character of ``text`` that no face can draw."""
+        if text.isascii() and text.replace("\n", " ").isprintable() and self.draws_ascii:
+            return  # printable ASCII, all in the primary face: the common case, without a set of the text
         chars = set(text) - {" ", "\n"}
         controls = [c for c in chars if unicodedata.category(c) == "Cc"]
         if controls:  # some fonts map controls to blank glyphs; drawing "nothing" would corrupt the ground truth

@@ -173,6 +173,14 @@ def ink_to_image(ink: np.ndarray, fg: tuple[int, int, int], bg: tuple[int, int, 
     return Image.merge("RGB", bands)
 
 
+def paper_to_image(paper: Image.Image, fg: tuple[int, int, int], bg: tuple[int, int, int]) -> Image.Image:
+    """Paper (255 = paper, 0 = full ink; an "L" image) -> RGB: the same colours as :func:`ink_to_image`."""
+    if fg == (0, 0, 0) and bg == (255, 255, 255):
+        return Image.merge("RGB", (paper, paper, paper))
+    bands = [paper.point([round(b + (f - b) * (255 - p) / 255) for p in range(256)]) for f, b in zip(fg, bg)]
+    return Image.merge("RGB", bands)
+
+
 def _rotate_box(box: Box, angle: float, width: int, height: int) -> Box:
     """Axis-aligned hull of a box after PIL's counter-clockwise rotation about the image centre."""
     cx, cy = width / 2, height / 2

@@ -1,7 +1,7 @@
 """Plain text -> page images with ground truth: word wrap, bidi, columns, pagination, painting.
 
 The walk: normalise -> paragraphs (words + the spaces before them) -> visual lines (greedy wrap on
-cached word advances) -> pages of columns -> paint (blit cached word bitmaps into one ink array) ->
+cached word advances) -> pages of columns -> paint (paste cached word sprites onto white paper) ->
 RGB (+ optional augmentation). Layout never draws, so :func:`render_to_fit` can try many font sizes
 for the price of measuring.
 """
@@ -11,12 +11,15 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import compress
 
 import numpy as np
+from PIL import Image
 
 from optictx.errors import RenderError
-from optictx.render.page import Block, PageStyle, RenderedPage, TextBox, augment, ink_to_image, to_999
-from optictx.render.typeset import Typesetter, is_cjk, strong_direction, typesetter
+from optictx.render.page import (Block, PageStyle, RenderedPage, TextBox, augment, ink_to_image, paper_to_image,
+                                 to_999)
+from optictx.render.typeset import Typesetter, bidi_class, is_cjk, paste_darker, strong_direction, typesetter
 
 NO_BREAK_BEFORE = frozenset("、。，．・：；？！）」』】〕〉》〗〙〛｝＞ー々〜…‥,.;:!?)]}%")
 """Closing punctuation that stays with the character before it when CJK text wraps per character."""
@@ -46,7 +49,10 @@ class Line:
 
     @property
     def text(self) -> str:
-        return "".join(" " * g + w for g, w in zip(self.gaps, self.words))
+        gaps = self.gaps
+        if gaps and not gaps[0] and gaps.count(1) == len(gaps) - 1:  # single spaces: the common case
+            return " ".join(self.words)
+        return "".join(" " * g + w for g, w in zip(gaps, self.words))
 
 
 def normalize(text: str) -> str:
@@ -80,10 +86,12 @@ def paragraphs(text: str, label: str = "text", first_block: int = 0) -> list[Par
     out, block, blank_before = [], first_block - 1, True
     for src in text.split("\n"):
         words, gaps, spaces = [], [], 0
-        if src.isascii() and "  " not in src and not src.startswith(" ") and not src.endswith(" "):
-            words = src.split(" ") if src else []  # the common case: single spaces, no CJK to split
-            gaps = [0] + [1] * (len(words) - 1) if words else []
-        for part in () if words or not src else src.split(" "):
+        body = src.rstrip(" ")  # trailing spaces belong to no word
+        indent = len(body) - len(body.lstrip(" "))
+        if body and "  " not in body[indent:] and (body.isascii() or not any(map(is_cjk, set(body)))):
+            words = body[indent:].split(" ")  # the common case: single spaces, no CJK to split
+            gaps = [indent] + [1] * (len(words) - 1)
+        for part in () if words or not body else body.split(" "):
             if not part:
                 spaces += 1
                 continue
@@ -97,8 +105,10 @@ def paragraphs(text: str, label: str = "text", first_block: int = 0) -> list[Par
             continue
         block += blank_before
         blank_before = False
-        rtl = not src.isascii() and strong_direction(src) == "R"
-        bidi = rtl or (not src.isascii() and any(strong_direction(w) == "R" for w in words))
+        rtl = bidi = False
+        if not src.isascii() and any(bidi_class(c) == "R" for c in set(src)):
+            rtl = strong_direction(src) == "R"
+            bidi = rtl or any(strong_direction(w) == "R" for w in words)
         out.append(Paragraph(words, gaps, rtl, bidi, block, label))
     return out
 
@@ -122,11 +132,12 @@ def wrap(para: Paragraph, ts: Typesetter, width: float) -> Iterator[Line]:
         return
     cached, space = ts._adv.get, ts.space
     words, gaps, xs, x = [], [], [], 0.0
-    for i, (word, n) in enumerate(zip(para.words, para.gaps)):
-        gap = (n * space if n < 8 else min(n * space, width / 2)) if (words or not i) else 0.0
+    for k, (word, n) in enumerate(zip(para.words, para.gaps)):
+        gap = space if n == 1 else n * space if n < 8 else min(n * space, width / 2)
         adv = cached(word)
-        if adv is None:
-            adv = ts.advance(word)
+        if adv is None:  # measure this word and the next ones in one go
+            ts.measure(para.words[k:k + 1024])
+            adv = cached(word) or ts.advance(word)
         if x + gap + adv > width:
             if words:
                 yield Line(words, gaps, xs, x, para)
@@ -241,7 +252,10 @@ def layout(lines: Iterator[Line], per_column: int, columns: int,
     return pages, False
 
 
-def _union(boxes: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+Box = tuple[int, int, int, int]
+
+
+def _union(boxes: list[Box]) -> Box:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
@@ -304,23 +318,26 @@ def paint_line(ink: np.ndarray, placed: list[tuple[str, float]], ts: Typesetter,
     return out
 
 
-def paint(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics, index: int) -> RenderedPage:
-    """Draw one page of columns and collect its ground truth."""
+def paint(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics, index: int,
+          exact: bool = False) -> RenderedPage:
+    """Draw one page of columns and collect its ground truth (``exact``: with the reference painter)."""
     W, H = style.width, style.height
     sx, sy = 999 / W, 999 / H  # boxes are clipped to the page, so no clamping is needed
-    ink = _scratch(H, W)
+    image, painted = (paint_exact if exact else paint_sprites)(cols, ts, style, m)
     lines, words, blocks, texts = [], [], [], []
-    for c, col in enumerate(cols):
-        x0 = style.margin + c * (style.column_width + style.gap)
+    painted = iter(painted)
+    for col in cols:
         block_lines: list[TextBox] = []
         for i, line in enumerate(col):
             text = line.text
             texts.append(text)
-            baseline = style.margin + round(m.first + i * m.pitch)
-            placed = paint_line(ink, placements(line, ts, x0, style.column_width), ts, baseline)
+            placed, b = next(painted)
+            if placed and (b[0] < 0 or b[1] < 0 or b[2] > W or b[3] > H):  # ground truth is clipped to the page
+                placed = [(w, _clip(b, W, H)) for w, b in placed]
+                placed = [(w, b) for w, b in placed if b[0] < b[2] and b[1] < b[3]]
+                b = _union([b for _, b in placed]) if placed else None
             if placed:
                 words += placed
-                b = _union([b for _, b in placed])
                 lines.append(TextBox(text, b, (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy))))
                 if line.para.block >= 0:
                     block_lines.append(lines[-1])
@@ -330,8 +347,113 @@ def paint(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics, 
                 b = _union([b.box_px for b in block_lines])
                 blocks.append(Block(line.para.label, text, b, to_999(b, W, H)))
                 block_lines = []
-    image = ink_to_image(ink, style.fg, style.bg)
     return RenderedPage(image=image, text="\n".join(texts), lines=lines, word_boxes=words, blocks=blocks, index=index)
+
+
+Painted = list[tuple[list[tuple[str, Box]], Box | None]]
+"""Per line of a page (columns in order): its (word, ink box) pairs in reading order, not yet clipped
+to the page, and their union (None: no ink)."""
+
+
+def paint_exact(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics) -> tuple[Image.Image, Painted]:
+    """The reference painter: word bitmaps composed line by line with numpy (:func:`paint_line`)."""
+    ink = _scratch(style.height, style.width)
+    out = []
+    for c, col in enumerate(cols):
+        x0 = style.margin + c * (style.column_width + style.gap)
+        for i, line in enumerate(col):
+            baseline = style.margin + round(m.first + i * m.pitch)
+            placed = paint_line(ink, placements(line, ts, x0, style.column_width), ts, baseline)
+            out.append((placed, _union([b for _, b in placed]) if placed else None))
+    return ink_to_image(ink, style.fg, style.bg), out
+
+
+def paint_sprites(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: Metrics) -> tuple[Image.Image, Painted]:
+    """The fast painter: the page's word sprites (:meth:`Typesetter.sprites`) pasted onto white paper
+    with Pillow's C paste, the positions and boxes of all its words computed at once with numpy.
+
+    The pixels are those of :func:`paint_exact`. A plain copy is right only where a sprite's box holds no
+    ink yet, so a word is pasted darker-wins (the max of coverages, as :func:`paint_line` composes) when
+    its box may meet earlier ink: it starts left of the end of an earlier word of its line, reaches
+    above the lowest ink of the lines above it, leaves its column, an earlier column's ink left that
+    column, or its line is bidirectional. The boxes of plain copies are then disjoint from all others,
+    so the plain copies can all go first and the darker-wins pastes after them, in any order.
+    """
+    cw = style.column_width
+    words: list[str] = []
+    xs: list[float] = []
+    counts, x0s, lows, baselines, cols_of, bidi = [], [], [], [], [], []
+    for c, col in enumerate(cols):
+        x0 = style.margin + c * (cw + style.gap)
+        for i, line in enumerate(col):
+            if line.para.bidi:  # visual order, flush right: placements() gives page x
+                placed = placements(line, ts, x0, cw)
+                words += [w for w, _ in placed]
+                xs += [x for _, x in placed]
+            else:
+                words += line.words
+                xs += line.xs
+            counts.append(len(line.words))
+            x0s.append(0.0 if line.para.bidi else x0)
+            lows.append(x0)
+            baselines.append(style.margin + round(m.first + i * m.pitch))
+            cols_of.append(c)
+            bidi.append(line.para.bidi)
+    images, extents = ts.sprites(words)
+    left, top, width, bottom = extents.T
+    line = np.repeat(np.arange(len(counts)), counts)
+    x1 = np.rint(np.add(xs, np.repeat(x0s, counts))).astype(np.int64) + left  # round(x0 + x) + left
+    inked = np.flatnonzero(width > 0)
+    line, x1 = line[inked], x1[inked]
+    base = np.take(baselines, line)
+    x2, y1, y2 = x1 + width[inked], base + top[inked], base + bottom[inked]
+    starts = np.flatnonzero(np.diff(line, prepend=-1))  # the first inked word of each line with ink
+    ends = np.append(starts[1:], len(line))
+
+    # right of the earlier words of its line: one running maximum of word ends, lines set 2**32 px apart
+    reach = np.maximum.accumulate(x2 + (line << 32))
+    plain = np.empty(len(line), bool)
+    plain[1:] = x1[1:] + (line[1:] << 32) >= reach[:-1]
+    plain[starts] = True
+    # inside its column
+    lo = np.take(lows, line)
+    outside = (x1 < lo) | (x2 > lo + cw)
+    plain &= ~outside
+    if len(cols) > 1:  # no earlier column's ink left that column
+        spilled = np.zeros(len(cols) + 1, bool)
+        spilled[np.take(cols_of, line[outside]) + 1] = True
+        plain &= ~np.logical_or.accumulate(spilled)[np.take(cols_of, line)]
+    if any(bidi):
+        plain &= ~np.take(bidi, line)
+    # below the ink of the lines above it in its column: a running maximum of line bottoms, per column
+    ly2 = np.maximum.reduceat(y2, starts)
+    lcol = np.take(cols_of, line[starts])
+    lowest = np.maximum.accumulate(ly2 + (lcol << 32)) - (lcol << 32)
+    above = np.full(len(starts), -(1 << 40))
+    same = lcol[1:] == lcol[:-1]
+    above[1:][same] = lowest[:-1][same]
+    plain &= y1 >= np.repeat(above, ends - starts)
+
+    paper = Image.new("L", (style.width, style.height), 255)
+    canvas = paper.im
+    boxes = list(zip(x1.tolist(), y1.tolist(), x2.tolist(), y2.tolist()))
+    images = list(map(images.__getitem__, inked.tolist()))
+    flags = plain.tolist()
+    list(map(canvas.paste, compress(images, flags), compress(boxes, flags)))
+    for k in np.flatnonzero(~plain).tolist():
+        paste_darker(canvas, images[k], boxes[k])
+
+    placed = list(zip(map(words.__getitem__, inked.tolist()), boxes))
+    unions = zip(np.minimum.reduceat(x1, starts).tolist(), np.minimum.reduceat(y1, starts).tolist(),
+                 np.maximum.reduceat(x2, starts).tolist(), ly2.tolist())
+    out: Painted = [([], None) for _ in counts]
+    for j, a, e, box in zip(line[starts].tolist(), starts.tolist(), ends.tolist(), unions):
+        out[j] = (placed[a:e], box)
+    return paper_to_image(paper, style.fg, style.bg), out
+
+
+def _clip(b: tuple[int, int, int, int], W: int, H: int) -> tuple[int, int, int, int]:
+    return max(b[0], 0), max(b[1], 0), min(b[2], W), min(b[3], H)
 
 
 _SCRATCH = threading.local()

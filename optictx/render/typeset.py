@@ -11,12 +11,20 @@ per face at a 1000 px reference size, so they are exact at every size), and each
 pixel nearest its pen position. Ligatures are not formed (``fi`` stays two glyphs), which keeps the
 one-character-one-glyph ground truth simple. Words in complex scripts (Arabic, Hebrew, Indic, Thai,
 anything with combining marks) are shaped as a whole by raqm instead, and cached the same way.
+
+Pages are painted from *sprites* (:meth:`Typesetter.sprite`): the same word ink as a Pillow image in paper
+space (255 = paper, 0 = full ink), pasted onto a white page with Pillow's C paste. A sprite of a simple
+word (one face, no shaping) is pasted together from cached glyph sprites at the positions the word
+bitmaps use, so both hold exactly the same pixels; other words convert their word bitmap.
 """
 from __future__ import annotations
 
 import functools
+import threading
 import unicodedata
 from dataclasses import dataclass
+from itertools import compress
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,9 +32,14 @@ from PIL import Image, ImageDraw
 from optictx.render.fonts import FontFile, FontStack, coverage, font_stack, load_font
 
 REF_SIZE = 1000
+BATCH_WORD_CHARS = 64
+"""ASCII words up to this long are measured and drawn many at a time with numpy (one padded row each)."""
+MIN_BATCH = 48
+"""Fewer new words than this are measured one by one."""
 NO_LIGATURES = ["-liga", "-clig", "-dlig"]
 WORD_CACHE_BYTES = 32 << 20
-"""Word bitmaps kept per typesetter before its cache is dropped (~10k words of a 24 px font)."""
+"""Word bitmaps (and, apart, word sprites) kept per typesetter before that cache is dropped (~10k words
+of a 24 px font)."""
 ADVANCE_CACHE_WORDS = 500_000
 """Word advances kept per typesetter (a float per word) before that cache is dropped."""
 
@@ -71,6 +84,45 @@ def strong_direction(text: str) -> str:
     return "N"
 
 
+class Sprite(NamedTuple):
+    """Ink of a word or glyph as a Pillow core image in paper space (255 = paper, 0 = full ink), whose
+    top-left sits at (pen + left, baseline + top); ``width`` x ``bottom - top`` pixels (width 0: no ink)."""
+
+    image: object  # PIL ImagingCore
+    left: int
+    top: int
+    width: int
+    bottom: int
+
+
+NO_INK = Sprite(None, 0, 0, 0, 0)
+
+
+# Pillow's core image calls (Image.core.fill, ImagingCore.paste / crop / chop_darker) are the C functions
+# behind Image.new, Image.paste and ImageChops.darker without their Python-level argument handling: a paste
+# costs ~0.5 us instead of ~6 us, and a dense page pastes ~700 words and, for new words, ~1000 glyphs.
+CORE = type(Image.core.fill("L", (1, 1), 0))  # Pillow's ImagingCore class: CORE.paste(dst, src, box)
+
+
+def blank(width: int, height: int):
+    """A white (paper) core image."""
+    return Image.core.fill("L", (width, height), 255)
+
+
+def paste_darker(dst, src, box: tuple[int, int, int, int]) -> None:
+    """Paste ``src`` into ``dst`` at ``box`` keeping the darker pixel: ink that overlaps ink already there
+    composes as the maximum of the coverages, as the word bitmaps do. Parts outside ``dst`` are dropped."""
+    dst.paste(dst.crop(box).chop_darker(src), box)
+
+
+def to_sprite(mask: np.ndarray, left: int, top: int) -> Sprite:
+    """A coverage mask (uint8, 255 = full ink) at (left, top) -> its paper-space sprite."""
+    h, w = mask.shape
+    if not mask.size:
+        return NO_INK
+    return Sprite(Image.frombytes("L", (w, h), (255 - mask).tobytes()).im, left, top, w, top + h)
+
+
 @dataclass(frozen=True, slots=True)
 class WordImage:
     """Ink of a word: ``mask`` (uint8 coverage) whose top-left sits at (pen + left, baseline + top).
@@ -99,6 +151,8 @@ class FaceMetrics:
         self.shaped = self.font.layout_engine == 1  # raqm: kerning available
         self.adv: dict[str, float] = {}
         self.kern: dict[str, float] = {}
+        self._ascii_adv = np.full(128, np.nan)  # the same values as adv / kern for ASCII, as arrays
+        self._ascii_kern = np.full((128, 128), np.nan)
 
     def advance(self, ch: str) -> float:
         got = self.adv.get(ch)
@@ -133,6 +187,50 @@ class FaceMetrics:
                 if i:
                     self.kerning(text[i - 1:i + 1])
             return self.pens(text)
+
+    def length(self, text: str) -> float:
+        """``pens(text)[1]`` without the list of pens: the same additions in the same order."""
+        adv, kern = self.adv, self.kern
+        try:
+            pen = adv[text[0]]
+            for i in range(1, len(text)):
+                pen += kern[text[i - 1:i + 1]]
+                pen += adv[text[i]]
+            return pen
+        except KeyError:
+            return self.pens(text)[1]
+
+    def ascii_pens(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`pens` of many ASCII words in one numpy pass: (codes, word index, pen) of every
+        character, and each word's advance.
+
+        Bit-identical to :meth:`pens`: a word is a row ``[adv0, kern01, adv1, kern12, ...]`` summed left
+        to right by ``np.cumsum`` along the row, the same additions in the same order as the Python loop.
+        """
+        lens = np.fromiter(map(len, words), np.intp, len(words))
+        codes = np.frombuffer("".join(words).encode("ascii"), np.uint8)
+        word = np.repeat(np.arange(len(words)), lens)
+        pos = np.arange(len(codes)) - (np.cumsum(lens) - lens)[word]  # index inside the word
+        inner = np.flatnonzero(pos < lens[word] - 1)  # characters with a right neighbour in the word
+        left, right = codes[inner], codes[inner + 1]
+        adv, kern = self._ascii_tables(codes, left, right)
+        rows = np.zeros((len(words), 2 * int(lens.max())))
+        rows[word, 2 * pos] = adv[codes]
+        rows[word[inner], 2 * pos[inner] + 1] = kern[left, right]
+        acc = np.cumsum(rows, axis=1)
+        return codes, word, np.where(pos > 0, acc[word, 2 * pos - 1], 0.0), acc[:, -1]
+
+    def _ascii_tables(self, codes: np.ndarray, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The advance and kerning arrays, after measuring what these characters and pairs still lack."""
+        adv, kern = self._ascii_adv, self._ascii_kern
+        for c in np.unique(codes[np.isnan(adv[codes])]).tolist():
+            adv[c] = self.advance(chr(c))
+        unknown = np.isnan(kern[left, right])
+        if unknown.any():
+            for pair in np.unique(left[unknown].astype(np.intp) * 128 + right[unknown]).tolist():
+                a, b = divmod(pair, 128)
+                kern[a, b] = self.kerning(chr(a) + chr(b))
+        return adv, kern
 
 
 @functools.lru_cache(maxsize=64)
@@ -169,6 +267,14 @@ class Typesetter:
         self._img: dict[str, WordImage] = {}
         self._img_bytes = 0
         self._glyph: dict[tuple[int, str], tuple[np.ndarray, int, int]] = {}
+        self._sprite_lock = threading.Lock()
+        self._sprite_ids: dict[str, int] = {}  # word -> index into _sprite_images and _sprite_boxes
+        self._sprite_images: list = []
+        self._sprite_boxes = np.zeros((1024, 4), np.int64)  # left, top, width, bottom by sprite id
+        self._sprite_bytes = 0
+        self._glyph_sprite: dict[tuple[int, str], Sprite] = {}
+        self._ascii_glyph_table = (np.zeros((128, 4), np.int64), [None] * 128, np.zeros(128, bool))
+        self._metrics0 = face_metrics(stack.fonts[0])
         primary = coverage(stack.fonts[0])
         self._ascii_ok = all(cp in primary for cp in range(0x21, 0x7F))  # ASCII words: one run, no lookups
 
@@ -207,12 +313,35 @@ class Typesetter:
         """Pen advance of ``word`` in pixels (fractional, as HarfBuzz positions it)."""
         got = self._adv.get(word)
         if got is None:
-            got = sum(self._run_advance(f, t) for f, t in self.runs(word))
+            if self._ascii_ok and word.isascii():  # one run of the primary face, as runs() would say
+                got = self._metrics0.length(word) * self.size
+            else:
+                got = sum(self._run_advance(f, t) for f, t in self.runs(word))
             if cache:
                 if len(self._adv) >= ADVANCE_CACHE_WORDS:
                     self._adv.clear()
                 self._adv[word] = got
         return got
+
+    def _batchable(self, words) -> list[str]:
+        """Words that :meth:`measure` and :meth:`sprites` handle in one numpy pass: ASCII of the
+        primary face (one run, no shaping), not too long for a padded row."""
+        if not self._ascii_ok:
+            return []
+        return [w for w in words if w.isascii() and len(w) <= BATCH_WORD_CHARS]
+
+    def measure(self, words: list[str]) -> None:
+        """Cache the advances of many words at once: the same values as :meth:`advance`, computed for
+        all the batchable ones in one numpy pass instead of a Python loop per character."""
+        new = [w for w in dict.fromkeys(words) if w not in self._adv]
+        fast = self._batchable(new)
+        if len(fast) >= MIN_BATCH:  # below this, numpy's per-call overhead costs more than it saves
+            ends = self._metrics0.ascii_pens(fast)[3] * self.size
+            if len(self._adv) + len(fast) > ADVANCE_CACHE_WORDS:
+                self._adv.clear()
+            self._adv.update(zip(fast, ends.tolist()))
+        for w in new:
+            self.advance(w)
 
     def _stripped(self, mask: np.ndarray, dx: int, dy: int) -> tuple[np.ndarray, int, int, np.ndarray | None]:
         """Add the bitmap padded to the line-strip rows (None when its ink is taller than the strip)."""
@@ -299,6 +428,129 @@ class Typesetter:
         out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0].copy()
         st = self.strip_top
         return WordImage(out[top - st:bottom - st], x1, top, end * size, out, cursor - x1, bottom)
+
+    def sprite(self, word: str) -> Sprite:
+        """The word's ink as a paper-space sprite: the same pixels at the same place as :meth:`image`."""
+        images, boxes = self.sprites([word])
+        return Sprite(images[0], *boxes[0].tolist())
+
+    def sprites(self, words: list[str]) -> tuple[list, np.ndarray]:
+        """The words' sprites as a list of images and an array of their (left, top, width, bottom),
+        building the missing ones (see :meth:`sprite`).
+
+        ASCII words of the primary face are built together (:meth:`_ascii_sprites`); another word of one
+        face that needs no shaping is pasted from glyph sprites (:meth:`_pasted_sprite`); the rest
+        (raqm-shaped, or mixing faces) convert their word bitmap (:meth:`image`). Under a lock, and the
+        answer is the caller's own copy: the cache is shared by threads and dropped when it grows too big.
+        """
+        with self._sprite_lock:
+            ids = list(map(self._sprite_ids.get, words))
+            if None in ids:
+                self._add_sprites(words)
+                ids = list(map(self._sprite_ids.__getitem__, words))
+            return list(map(self._sprite_images.__getitem__, ids)), self._sprite_boxes[ids]
+
+    def _add_sprites(self, words: list[str]) -> None:
+        if self._sprite_bytes > WORD_CACHE_BYTES:  # dropped between pages, never while one is drawn
+            self._sprite_ids.clear()
+            self._sprite_images.clear()
+            self._sprite_bytes = 0
+        new = list(dict.fromkeys(w for w in words if w not in self._sprite_ids))
+        fast = self._batchable(new)
+        for word, got in zip(fast, self._ascii_sprites(fast) if fast else ()):
+            self._keep(word, got)
+        for word in new:
+            if word not in self._sprite_ids:
+                runs = self.runs(word)
+                if len(runs) == 1 and not _shaped(word):
+                    self._keep(word, self._pasted_sprite(runs[0][0], word))
+                else:
+                    img = self.image(word)
+                    self._keep(word, to_sprite(img.mask, img.left, img.top))
+
+    def _keep(self, word: str, got: Sprite) -> None:
+        i = len(self._sprite_images)
+        if i == len(self._sprite_boxes):
+            self._sprite_boxes = np.concatenate([self._sprite_boxes, np.zeros_like(self._sprite_boxes)])
+        self._sprite_ids[word] = i
+        self._sprite_images.append(got.image)
+        self._sprite_boxes[i] = got[1:]
+        self._sprite_bytes += got.width * (got.bottom - got.top) + 200
+
+    def _glyph_sprite_of(self, face: int, ch: str) -> Sprite:
+        g = self._glyph_sprite.get((face, ch))
+        if g is None:
+            mask, dx, dy, _ = self._glyph_of(face, ch)
+            g = self._glyph_sprite[(face, ch)] = to_sprite(mask, dx, dy)
+        return g
+
+    def _pasted_sprite(self, face: int, word: str) -> Sprite:
+        """Glyph sprites pasted where :meth:`image` puts the glyphs (its pen rounded, plus the glyph's
+        offset). A glyph whose columns reach into an earlier glyph's (a kerned or overhanging pair) is
+        pasted darker-wins, the max of the coverages, as the word bitmaps compose."""
+        pens, _ = face_metrics(self.stack.fonts[face]).pens(word)
+        get, size = self._glyph_sprite.get, self.size
+        placed = []
+        for ch, pen in zip(word, pens):
+            g = get((face, ch)) or self._glyph_sprite_of(face, ch)
+            if g.width:
+                placed.append((round(pen * size) + g.left, g))
+        if not placed:
+            return NO_INK
+        x1, y1 = min(x for x, _ in placed), min(g.top for _, g in placed)
+        x2, y2 = max(x + g.width for x, g in placed), max(g.bottom for _, g in placed)
+        out = blank(x2 - x1, y2 - y1)
+        cursor = x1
+        for x, g in placed:
+            box = (x - x1, g.top - y1, x - x1 + g.width, g.bottom - y1)
+            if x >= cursor:  # columns of its own: a plain copy
+                out.paste(g.image, box)
+            else:
+                paste_darker(out, g.image, box)
+            cursor = max(cursor, x + g.width)
+        return Sprite(out, x1, y1, x2 - x1, y2)
+
+    def _ascii_sprites(self, words: list[str]) -> list[Sprite]:
+        """:meth:`_pasted_sprite` for many ASCII words of the primary face: glyph positions, word boxes
+        and overlaps computed for all of them with numpy; left in Python is one paste per glyph."""
+        codes, word, pens, _ = self._metrics0.ascii_pens(words)
+        left, top, width, bottom, images = self._ascii_glyphs(codes)
+        x = np.rint(pens * self.size).astype(np.int64) + left[codes]  # rint = round(): half to even
+        inked = np.flatnonzero(width[codes] > 0)
+        codes, word, x = codes[inked], word[inked], x[inked]
+        x2, y1, y2 = x + width[codes], top[codes], bottom[codes]
+        has_ink, first = np.unique(word, return_index=True)  # words with ink; their first glyph
+        seg = np.repeat(np.arange(len(first)), np.diff(np.append(first, len(x))))  # glyph -> inked word
+        wx1, wy1 = np.minimum.reduceat(x, first), np.minimum.reduceat(y1, first)
+        wx2, wy2 = np.maximum.reduceat(x2, first), np.maximum.reduceat(y2, first)
+        # a glyph starting left of the right end of an earlier glyph of its word is pasted darker-wins;
+        # words are set 2**32 px apart so that one running maximum serves them all
+        reach = np.maximum.accumulate(x2 + (word << 32))
+        late = np.zeros(len(x), bool)
+        late[1:] = x[1:] + (word[1:] << 32) < reach[:-1]
+        late[first] = False
+        ox, oy = wx1[seg], wy1[seg]
+        boxes = list(zip((x - ox).tolist(), (y1 - oy).tolist(), (x2 - ox).tolist(), (y2 - oy).tolist()))
+        canvases = [blank(w, h) for w, h in zip((wx2 - wx1).tolist(), (wy2 - wy1).tolist())]
+        dst, src = list(map(canvases.__getitem__, seg.tolist())), list(map(images.__getitem__, codes.tolist()))
+        plain = (~late).tolist()  # the plain copies first (their boxes are disjoint), as one C-level map
+        list(map(CORE.paste, compress(dst, plain), compress(src, plain), compress(boxes, plain)))
+        for i in np.flatnonzero(late).tolist():
+            paste_darker(dst[i], src[i], boxes[i])
+        out = [NO_INK] * len(words)
+        fields = zip(canvases, wx1.tolist(), wy1.tolist(), (wx2 - wx1).tolist(), wy2.tolist())
+        for i, f in zip(has_ink.tolist(), fields):
+            out[i] = tuple.__new__(Sprite, f)  # Sprite(*f) without NamedTuple's Python-level __new__
+        return out
+
+    def _ascii_glyphs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
+        """Glyph sprites of the primary face by ASCII code, as arrays (left, top, width, bottom) and a
+        list of images, after rasterising the codes not seen yet."""
+        boxes, images, known = self._ascii_glyph_table
+        for c in np.unique(codes[~known[codes]]).tolist():
+            g = self._glyph_sprite_of(0, chr(c))
+            images[c], boxes[c], known[c] = g.image, g[1:], True
+        return boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], images
 
     def _assemble(self, pieces: list, advance: float) -> WordImage:
         """Union of positioned glyph bitmaps, built in strip rows (the mask is a view of the strip).
