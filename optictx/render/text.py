@@ -275,8 +275,8 @@ def paint_line(ink: np.ndarray, placed: list[tuple[str, float]], ts: Typesetter,
                baseline: int) -> list[tuple[str, tuple[int, int, int, int]]]:
     """Draw one line; return (word, ink box clipped to the page) pairs.
 
-    The hot loop of rendering: per word one dict lookup and one slice copy of its cached strip (fixed
-    rows around the baseline) into a line buffer, then one blit of the line. A line whose words' ink
+    The exact painter's (and markdown pages'): per word one dict lookup and one slice copy of its cached
+    strip (fixed rows around the baseline) into a line buffer, then one blit of the line. A line whose words' ink
     overlaps (or is taller than the strip) falls back to one ``np.maximum`` blit per word.
     """
     get, image = ts._img.get, ts.image
@@ -402,7 +402,8 @@ def paint_sprites(cols: list[list[Line]], ts: Typesetter, style: PageStyle, m: M
     images, extents = ts.sprites(words)
     left, top, width, bottom = extents.T
     line = np.repeat(np.arange(len(counts)), counts)
-    x1 = np.rint(np.add(xs, np.repeat(x0s, counts))).astype(np.int64) + left  # round(x0 + x) + left
+    x = np.fromiter(xs, np.float64, len(xs)) + np.repeat(x0s, counts)
+    x1 = np.rint(x).astype(np.int64) + left  # round(x0 + x) + left, as paint_line places a word
     inked = np.flatnonzero(width > 0)
     line, x1 = line[inked], x1[inked]
     base = np.take(baselines, line)

@@ -1,10 +1,9 @@
-"""Word measurement and word bitmaps, cached, so a page is a numpy composite of cached words.
+"""Word measurement and word images, cached, so a page is a composite of cached words.
 
 Why this design: FreeType runs the hinting bytecode of Noto fonts for every glyph it rasterises
 (~100 µs per glyph with Pillow), so drawing a dense A4 page (~5,000 glyphs) with Pillow costs ~0.4 s.
-Here every glyph is rasterised once per (face, size); a word's bitmap is assembled from its glyphs
-with numpy (one ``np.concatenate`` of glyph strips) and cached; a line is a copy of its cached word
-strips into one buffer and a single blit into the page's uint8 ink array.
+Here every glyph is rasterised once per (face, size), and a word's image is assembled from its glyphs
+once and cached.
 
 Positions follow what Pillow+raqm would draw: advances and pair kerning are HarfBuzz's (measured once
 per face at a 1000 px reference size, so they are exact at every size), and each glyph lands on the
@@ -12,10 +11,15 @@ pixel nearest its pen position. Ligatures are not formed (``fi`` stays two glyph
 one-character-one-glyph ground truth simple. Words in complex scripts (Arabic, Hebrew, Indic, Thai,
 anything with combining marks) are shaped as a whole by raqm instead, and cached the same way.
 
-Pages are painted from *sprites* (:meth:`Typesetter.sprite`): the same word ink as a Pillow image in paper
-space (255 = paper, 0 = full ink), pasted onto a white page with Pillow's C paste. A sprite of a simple
-word (one face, no shaping) is pasted together from cached glyph sprites at the positions the word
-bitmaps use, so both hold exactly the same pixels; other words convert their word bitmap.
+Two forms of the same word ink: :meth:`Typesetter.image`, a numpy coverage bitmap (the exact painter
+composes these with numpy), and :meth:`Typesetter.sprite`, a Pillow image in paper space (255 = paper,
+0 = full ink) that the fast painter pastes onto white paper with Pillow's C paste, ~0.5 µs a word. A
+sprite of a simple word (one face, no shaping) is pasted together from glyph sprites at the glyph
+positions of :meth:`image`, so both forms hold exactly the same pixels; other words convert their
+bitmap. ASCII words of the primary face (nearly all words of English text and code) are measured and
+assembled many at a time, their glyph arithmetic done by numpy for the batch: an open vocabulary
+brings ~100 new words to every dense page, and per-character Python for each would cost more than
+painting the page.
 """
 from __future__ import annotations
 
