@@ -461,8 +461,8 @@ class Typesetter:
             self._sprite_bytes = 0
         new = list(dict.fromkeys(w for w in words if w not in self._sprite_ids))
         fast = self._batchable(new)
-        for word, got in zip(fast, self._ascii_sprites(fast) if fast else ()):
-            self._keep(word, got)
+        if fast:
+            self._keep_all(fast, *self._ascii_sprites(fast))
         for word in new:
             if word not in self._sprite_ids:
                 runs = self.runs(word)
@@ -473,13 +473,19 @@ class Typesetter:
                     self._keep(word, to_sprite(img.mask, img.left, img.top))
 
     def _keep(self, word: str, got: Sprite) -> None:
-        i = len(self._sprite_images)
-        if i == len(self._sprite_boxes):
-            self._sprite_boxes = np.concatenate([self._sprite_boxes, np.zeros_like(self._sprite_boxes)])
-        self._sprite_ids[word] = i
-        self._sprite_images.append(got.image)
-        self._sprite_boxes[i] = got[1:]
-        self._sprite_bytes += got.width * (got.bottom - got.top) + 200
+        self._keep_all([word], [got.image], np.array([got[1:]], np.int64))
+
+    def _keep_all(self, words: list[str], images: list, extents: np.ndarray) -> None:
+        """Cache sprites given as their images and an array of (left, top, width, bottom) rows."""
+        i, n = len(self._sprite_images), len(words)
+        if i + n > len(self._sprite_boxes):
+            grown = np.zeros((2 * (i + n), 4), np.int64)
+            grown[:i] = self._sprite_boxes[:i]
+            self._sprite_boxes = grown
+        self._sprite_boxes[i:i + n] = extents
+        self._sprite_images += images
+        self._sprite_ids.update(zip(words, range(i, i + n)))
+        self._sprite_bytes += int(extents[:, 2] @ (extents[:, 3] - extents[:, 1])) + 200 * n
 
     def _glyph_sprite_of(self, face: int, ch: str) -> Sprite:
         g = self._glyph_sprite.get((face, ch))
@@ -514,9 +520,10 @@ class Typesetter:
             cursor = max(cursor, x + g.width)
         return Sprite(out, x1, y1, x2 - x1, y2)
 
-    def _ascii_sprites(self, words: list[str]) -> list[Sprite]:
-        """:meth:`_pasted_sprite` for many ASCII words of the primary face: glyph positions, word boxes
-        and overlaps computed for all of them with numpy; left in Python is one paste per glyph."""
+    def _ascii_sprites(self, words: list[str]) -> tuple[list, np.ndarray]:
+        """:meth:`_pasted_sprite` for many ASCII words of the primary face, as (images, rows of left, top,
+        width, bottom): glyph positions, word boxes and overlaps computed for all of them with numpy;
+        left in Python is one paste per glyph."""
         codes, word, pens, _ = self._metrics0.ascii_pens(words)
         left, top, width, bottom, images = self._ascii_glyphs(codes)
         x = np.rint(pens * self.size).astype(np.int64) + left[codes]  # rint = round(): half to even
@@ -541,11 +548,12 @@ class Typesetter:
         list(map(CORE.paste, compress(dst, plain), compress(src, plain), compress(boxes, plain)))
         for i in np.flatnonzero(late).tolist():
             paste_darker(dst[i], src[i], boxes[i])
-        out = [NO_INK] * len(words)
-        fields = zip(canvases, wx1.tolist(), wy1.tolist(), (wx2 - wx1).tolist(), wy2.tolist())
-        for i, f in zip(has_ink.tolist(), fields):
-            out[i] = tuple.__new__(Sprite, f)  # Sprite(*f) without NamedTuple's Python-level __new__
-        return out
+        out = [None] * len(words)  # words without ink keep no image and a zero row
+        for i, canvas in zip(has_ink.tolist(), canvases):
+            out[i] = canvas
+        extents = np.zeros((len(words), 4), np.int64)
+        extents[has_ink] = np.stack([wx1, wy1, wx2 - wx1, wy2], axis=1)
+        return out, extents
 
     def _ascii_glyphs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
         """Glyph sprites of the primary face by ASCII code, as arrays (left, top, width, bottom) and a
