@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path("out/demo")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        ocr = OCR("tiny", max_new_tokens=640)  # a full grid page: <= 512 characters + 64 markers
+        ocr = OCR("tiny")
     except OptictxError as e:
         console.print(f"[red]cannot load the bundled model:[/red] {e}")
         return 2

@@ -56,6 +56,11 @@ class GridGeometry:
     def cells(self) -> int:
         return self.cols * self.rows
 
+    @property
+    def page_tokens(self) -> int:
+        """Ids of a full page: a tag per cell, and a marker each time a line enters a vision token."""
+        return (self.cells + self.rows) * self.grid * self.grid
+
     def place(self, row: int, col: int) -> tuple[int, int]:
         """Page (row, column) of a character -> (vision token, cell inside it)."""
         token = (row // self.rows) * self.grid + col // self.cols

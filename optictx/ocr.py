@@ -218,8 +218,11 @@ class OCR:
         prompt_text(self.prompt)  # fail at construction, not on the first page
         self.max_pixels = max_pixels
         whitelist = frozenset(i for t in TD_TOKENS if (i := tokenizer.token_id(t)) is not None)
+        if max_new_tokens is None:  # the official cap, or what a full page of grid tags takes
+            geom = getattr(tokenizer, "geom", None)
+            max_new_tokens = 8192 if geom is None else geom.page_tokens + 1
         self.generation = GenerationConfig(
-            max_new_tokens=max_new_tokens if max_new_tokens is not None else 8192,  # the official cap
+            max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed, eos_token_id=tokenizer.eos_id,
             pad_token_id=tokenizer.pad_id, no_repeat_ngram_size=no_repeat_ngram_size, ngram_size=ngram_size,
             window_size=window_size, whitelist_token_ids=whitelist,

@@ -86,3 +86,9 @@ def test_streaming_deltas_add_up_to_the_text(tok):
     dec = IncrementalDecoder(tok)
     streamed = "".join(dec.push(i) for i in ids) + dec.finish()
     assert streamed == dec.text == tok.decode(ids)
+
+
+def test_a_full_page_fits_page_tokens(tok):
+    lines = ["x" * 32] * 16
+    ids, _ = tok.encode_lines(lines)
+    assert len(ids) == tok.geom.page_tokens == 576
