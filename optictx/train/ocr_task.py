@@ -11,7 +11,9 @@ Loss = next-token cross-entropy on the page text (the real objective)
      + ``cursor_weight`` x cursor probe: a linear read-out of those layers' input must name the cell (0-31) of
                           the next character inside its vision token (the decoder read the first token only).
 All auxiliary signals come free from the grid layout (optictx.data.ocr_pages); the probes are training-only
-heads, so the exported weights are the plain DeepSeek-OCR layout.
+heads, so the exported weights are the plain DeepSeek-OCR layout. With the cell-tagged vocabulary
+(optictx.grid_tokenizer, the bundled model's) every text id names its vision token and cell, so the guide
+targets come straight from the tags and the cursor probe has nothing left to teach (cursor_weight 0).
 
 Curriculum: pages start with a line or two and grow to full pages (16 lines, 6-9x compression).
 """
