@@ -28,9 +28,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from optictx.errors import TokenizerError
-from optictx.tokenizer import SPECIAL_TOKENS, Tokenizer
+from optictx.tokenizer import GRID_TOKENIZER_CLASS, SPECIAL_TOKENS, Tokenizer
 
-TOKENIZER_CLASS = "OptictxGridTokenizer"
 UNK = "<unk>"
 ALPHABET = string.printable[:95]  # digits, letters, punctuation, space: what the grid pages draw
 PLAIN = ALPHABET + "\n"
@@ -145,7 +144,7 @@ class GridTokenizer(Tokenizer):
         super().save(folder)
         path = Path(folder) / "tokenizer_config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
-        config.update(tokenizer_class=TOKENIZER_CLASS, grid=self.geom.grid, cell_cols=self.geom.cols,
+        config.update(tokenizer_class=GRID_TOKENIZER_CLASS, grid=self.geom.grid, cell_cols=self.geom.cols,
                       cell_rows=self.geom.rows)
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

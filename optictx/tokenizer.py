@@ -26,6 +26,7 @@ OCR_TOKENS = ["<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<t
 PRIMITIVE_TOKENS = ["<|box|>", "<|/box|>", "<|point|>", "<|/point|>", "<|visual_thinking|>"]
 # Our tiny tokenizers put the specials first so BOS/EOS/PAD keep the official ids 0/1/2.
 SPECIAL_TOKENS = [BOS, EOS, PAD, IMAGE, *OCR_TOKENS, *PRIMITIVE_TOKENS]
+GRID_TOKENIZER_CLASS = "OptictxGridTokenizer"  # tokenizer_config.json of the tiny model's cell-tagged characters
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Tokenizer:
                     value = value.get("content")
                 if isinstance(value, str):
                     names[key] = value
-        if cfg.get("tokenizer_class") == "OptictxGridTokenizer":  # the tiny model's cell-tagged characters
+        if cfg.get("tokenizer_class") == GRID_TOKENIZER_CLASS:
             from optictx.grid_tokenizer import from_config
 
             tok = from_config(hf, cfg, names)

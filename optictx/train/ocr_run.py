@@ -95,14 +95,16 @@ def factorized_init(model, tok: "GridTokenizer") -> None:
 def warm_start(model, folder: str | Path) -> None:
     """Load an exported model folder into ``model``; token embeddings and the output head are kept as they are
     when the vocabularies differ (e.g. a BPE model's encoder and decoder layers under the grid vocabulary)."""
-    from optictx.weights import iter_tensors, load_into
+    from optictx.weights import checkpoint_files, iter_tensors, load_into, read_header
 
     own = model.state_dict()
     vocab_keys = {"model.embed_tokens.weight", "lm_head.weight"}
-    found = dict(iter_tensors(folder, torch.float32, "cpu"))
-    if all(found[k].shape == own[k].shape for k in vocab_keys if k in found):
+    files = checkpoint_files(folder)  # shapes from the headers: the tensors are read once, below
+    shapes = {k: tuple(read_header(f)[k]["shape"]) for k, f in files.items() if k in vocab_keys}
+    if all(shape == tuple(own[k].shape) for k, shape in shapes.items()):
         load_into(model, folder, dtype=torch.float32, device="cpu")
         return
+    found = dict(iter_tensors(folder, torch.float32, "cpu"))
     print(f"init_from {folder}: another vocabulary; token embeddings and lm_head start fresh", flush=True)
     missing = own.keys() - found.keys() - vocab_keys
     if missing:
