@@ -89,6 +89,22 @@ def test_documents_never_use_heldout_text():
         assert not shingles(s.text) & held
 
 
+def test_numbers_source_is_digit_rich_deterministic_and_mixable():
+    from optictx.data.corpus import TextSampler
+    from optictx.data.ocr_pages import OCRPageSource, Level
+
+    text = " ".join(TextSampler(3, {"numbers": 1.0}).sample(400) for _ in range(20))
+    default = " ".join(TextSampler(3).sample(400) for _ in range(20))
+    digits = lambda t: sum(c.isdigit() for c in t) / len(t)
+    assert digits(text) > 0.12 > digits(default)
+    assert re.search(r"\b\d{1,2}[A-Z]\b", text) and re.search(r"\b[a-z]+\d+\b", text)  # 14A, cedar42
+    assert TextSampler(3, {"numbers": 1.0}).sample(300) == TextSampler(3, {"numbers": 1.0}).sample(300)
+    mixed = OCRPageSource(0, text_weights={"prose": 0.5, "numbers": 0.5})
+    assert mixed.page(7, Level(8)).text == OCRPageSource(0, text_weights={"prose": 0.5, "numbers": 0.5}).page(7, Level(8)).text
+    with pytest.raises(ConfigError, match="unknown text sources"):
+        TextSampler(0, {"poetry": 1.0})
+
+
 def test_bad_document_config_is_refused():
     with pytest.raises(ConfigError):
         documents.DocConfig(layouts=(("poster", 1.0),))

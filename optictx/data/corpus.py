@@ -3,7 +3,9 @@
 Training text mixes
 - natural English prose: docstrings of a fixed list of Python standard-library modules (PSF licence,
   present wherever Python is),
-- Faker text, names, addresses, numbers (MIT), and
+- Faker text, names, addresses, numbers (MIT),
+- "numbers": training words interleaved with numbers and codes (``4831``, ``14A``, ``cedar42``, ``3.75``),
+  since invoices, tables and remembered facts are mostly digits, and
 - shuffled words and random character strings, which carry no language prior: the model can only
   get them right by reading the pixels (a decoder that leans on its language model fails them).
 
@@ -20,6 +22,8 @@ import string
 import warnings
 from functools import lru_cache
 from pathlib import Path
+
+from optictx.errors import ConfigError
 
 PRINTABLE = set(string.printable) - set("\t\r\x0b\x0c")
 # Modules whose docstrings are training prose. Held-out text never comes from here.
@@ -80,6 +84,10 @@ def heldout_paragraphs() -> tuple[str, ...]:
     return tuple(_paragraphs(text))
 
 
+DEFAULT_WEIGHTS = {"prose": 0.45, "faker": 0.2, "shuffled": 0.2, "random": 0.15}
+SOURCES = (*DEFAULT_WEIGHTS, "numbers")
+
+
 class TextSampler:
     """Draws training text of a requested length from the mixture; a seed fixes the stream."""
 
@@ -91,7 +99,10 @@ class TextSampler:
         self.faker.seed_instance(seed)
         self.prose = prose_paragraphs()
         self.words = sorted({w for p in self.prose[:2000] for w in p.split() if w.isalpha() and len(w) < 14})
-        self.weights = weights or {"prose": 0.45, "faker": 0.2, "shuffled": 0.2, "random": 0.15}
+        self.weights = weights or DEFAULT_WEIGHTS
+        unknown = set(self.weights) - set(DEFAULT_WEIGHTS) - {"numbers"}
+        if unknown:
+            raise ConfigError(f"unknown text sources {sorted(unknown)}; choose from {sorted(SOURCES)}")
 
     def sample(self, n_chars: int) -> str:
         kind = self.rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
@@ -127,6 +138,25 @@ class TextSampler:
             if self.rng.random() < 0.1:
                 w += self.rng.choice(",.;:!?")
             parts.append(w)
+        return " ".join(parts)
+
+    def _numbers(self, n: int) -> str:
+        """Training words with a number or code every few words: plain integers of 1-6 digits, a number with
+        a letter (``14A``), a word with digits (``cedar42``), a decimal, a time or a date."""
+        r = self.rng
+        makers = [
+            lambda: str(r.randrange(10 ** r.randint(1, 6))),
+            lambda: f"{r.randrange(1, 100)}{r.choice(string.ascii_uppercase)}",
+            lambda: f"{r.choice(self.words).lower()}{r.randrange(1, 1000)}",
+            lambda: f"{r.randrange(0, 1000)}.{r.randrange(0, 100):02d}",
+            lambda: f"{r.randrange(0, 24):02d}:{r.randrange(0, 60):02d}",
+            lambda: f"{r.randrange(1, 29)}/{r.randrange(1, 13)}/{r.randrange(1900, 2100)}",
+        ]
+        parts: list[str] = []
+        while sum(len(p) + 1 for p in parts) < n:
+            parts.append(r.choice(makers)() if r.random() < 0.35 else r.choice(self.words))
+            if r.random() < 0.08:
+                parts[-1] += r.choice(",.;:")
         return " ".join(parts)
 
     def _random(self, n: int) -> str:

@@ -174,9 +174,9 @@ def render_grid_pages(text: str, page_size: int = 256, grid: int = 4) -> list[OC
 class OCRPageSource:
     """Deterministic stream of training pages (`seed`, `index`) -> page, at a given curriculum level."""
 
-    def __init__(self, seed: int, page_size: int = 256, grid: int = 4):
+    def __init__(self, seed: int, page_size: int = 256, grid: int = 4, text_weights: dict | None = None):
         self.seed, self.page_size, self.grid = seed, page_size, grid
-        self.sampler = TextSampler(seed)
+        self.sampler = TextSampler(seed, text_weights)
 
     def page(self, index: int, level: Level) -> OCRPage:
         rng = random.Random(self.seed * 1_000_003 + index)

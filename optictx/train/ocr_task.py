@@ -60,6 +60,7 @@ class OCRTaskConfig:
     eval_lines: tuple[int, ...] = (4, 8, 16)
     eval_decode_pages: int = 3
     max_new_tokens: int = 640  # a full grid page: <= 512 tagged characters + 64 markers
+    text_weights: dict | None = None  # training text mixture (optictx.data.corpus.SOURCES); None = default
     extra: dict = field(default_factory=dict)
 
 
@@ -216,7 +217,7 @@ def cursor_cells(page: OCRPage, tx: int, ty: int) -> list[int]:
 class OCRTask:
     def __init__(self, tok: Tokenizer, cfg: OCRTaskConfig):
         self.tok, self.cfg = tok, cfg
-        self.source = OCRPageSource(cfg.seed, cfg.page_size, cfg.grid)
+        self.source = OCRPageSource(cfg.seed, cfg.page_size, cfg.grid, cfg.text_weights)
         self.n_slots = cfg.grid * (cfg.grid + 1) + 1
         patch = cfg.page_size // (cfg.grid * 4)
         self.token_shape = (patch // CELL_W * 4, patch // CELL_H * 4)  # grid cells per vision token (8 x 4)
