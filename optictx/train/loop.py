@@ -1,5 +1,6 @@
 """One training loop for every stage: AdamW, warm-up + cosine, accumulation, clipping, periodic eval,
-time-based checkpoints with exact resume, a metrics CSV and a loss plot, single process or torchrun DDP.
+time-based checkpoints with exact resume, a metrics CSV and a loss plot, single process or torchrun DDP
+(or FSDP, ``fsdp: true``: parameters sharded across the ranks, see ``optictx.train.sharding``).
 
 A *task* supplies the data and the loss; it must make batch ``(step, micro, rank)`` a pure function of
 its arguments and its seed, so resuming at step N replays exactly the samples an uninterrupted run
@@ -18,7 +19,9 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from optictx.errors import ConfigError
 from optictx.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from optictx.train.sharding import is_sharded, shard_model
 
 
 @dataclass
@@ -112,20 +115,26 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's value of ``flag`` on every rank: a time-based choice (checkpoint now?) made by each rank's own
+    clock could differ, and a collective that only some ranks enter hangs."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-def wrap_model(model: torch.nn.Module, fsdp: bool) -> torch.nn.Module:
-    """DDP (or FSDP when asked) around the model in a multi-process job."""
+def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around the model in a multi-process job (an FSDP model is sharded before its optimizer exists)."""
     _, world = dist_info()
-    if world == 1:
+    if world == 1 or is_sharded(model):
         return model
-    if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP(model, use_orig_params=True)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, find_unused_parameters=True)
@@ -152,6 +161,11 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, param_groups=Non
     configure_cpu_backends()
     device = train_device()
     model.to(device)
+    sharded = cfg.fsdp and world > 1
+    if sharded:  # the optimizer below must hold the sharded parameters
+        if param_groups is not None:
+            raise ConfigError("fsdp builds its own parameter groups; custom param_groups need a plain or DDP run")
+        shard_model(model)
     groups = param_groups if param_groups is not None else default_param_groups(model, cfg.weight_decay)
     for g in groups:  # a group may ask for a multiple of the peak LR (e.g. the projector)
         g.setdefault("lr_scale", 1.0)
@@ -166,7 +180,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, param_groups=Non
         start = state["step"]
         if rank == 0:
             print(f"resumed from {resume_from} at step {start}", flush=True)
-    net = wrap_model(model, cfg.fsdp)
+    net = wrap_model(model)
     metrics_path = out / "metrics.csv"
     last: dict[str, float] = {}
     last_ckpt = time.monotonic()
@@ -189,6 +203,8 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, param_groups=Non
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
             seen_tokens += int(parts.get("tokens", 0))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if sharded:
+            grad_norm = grad_norm.full_tensor()  # a DTensor: the norm over every rank's shards
         optimizer.step()
         scheduler.step()
         done = step + 1
@@ -202,17 +218,18 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, param_groups=Non
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "tokens_per_s", "gap")})
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             net.eval()
-            with torch.no_grad():
-                logs.update(task.evaluate(model, done) if rank == 0 else {})
+            with torch.no_grad():  # a sharded model needs every rank in each forward: all evaluate, rank 0 logs
+                metrics = task.evaluate(model, done) if rank == 0 or sharded else {}
+                logs.update(metrics if rank == 0 else {})
             logs["step"] = done  # an eval step is always written, even between log steps
             net.train()
         if rank == 0 and logs.get("step") == done:
             _append_csv(metrics_path, logs)
             last = logs
-        if time.monotonic() - last_ckpt > cfg.ckpt_every_s or done == cfg.max_steps:
-            if rank == 0:
-                save_checkpoint(ckpt_root, done, model, optimizer, scheduler,
-                                extra={"config": asdict(cfg)}, keep=cfg.keep_checkpoints)
+        if rank0_decides(time.monotonic() - last_ckpt > cfg.ckpt_every_s or done == cfg.max_steps):
+            # every rank takes part (its RNG state, FSDP shards); rank 0 writes
+            save_checkpoint(ckpt_root, done, model, optimizer, scheduler,
+                            extra={"config": asdict(cfg)}, keep=cfg.keep_checkpoints, write=rank == 0)
             last_ckpt = time.monotonic()
     if bar is not None:
         bar.close()

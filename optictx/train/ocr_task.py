@@ -118,17 +118,22 @@ class OCRTrainModule(nn.Module):
             return None, [], glyph, token, []
         emb = model.model.embed_tokens(input_ids)
         emb = torch.cat([emb[:, :1], slots.to(emb.dtype), emb[:, 1 + slots.shape[1]:]], dim=1)
-        captured: list[tuple] = []
-        hooks = [model.model.layers[li].self_attn.register_forward_pre_hook(
-            lambda mod, args: captured.append((mod, args[0], args[1]))) for li in guide_layers]
+        guided: list[torch.Tensor] = []
+        cursor: list[torch.Tensor] = []
+
+        def read_layer(mod, args):
+            # inside the layer's forward, where its weights are whole even when FSDP shards them between uses
+            guided.append(head_attention_logprobs(mod, args[0], args[1], heads=guide_heads))
+            cursor.append(self.cursor_probe(args[0]).float())
+
+        hooks = [model.model.layers[li].self_attn.register_forward_pre_hook(read_layer) for li in guide_layers]
         try:
             hidden = model.model(inputs_embeds=emb)
         finally:
             for h in hooks:
                 h.remove()
         logits = model.lm_head(hidden).float()
-        return (logits, [head_attention_logprobs(*c, heads=guide_heads) for c in captured], glyph, token,
-                [self.cursor_probe(x).float() for _, x, _ in captured])
+        return logits, guided, glyph, token, cursor
 
 
 @dataclass
