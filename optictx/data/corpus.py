@@ -100,7 +100,7 @@ class TextSampler:
         self.prose = prose_paragraphs()
         self.words = sorted({w for p in self.prose[:2000] for w in p.split() if w.isalpha() and len(w) < 14})
         self.weights = weights or DEFAULT_WEIGHTS
-        unknown = set(self.weights) - set(DEFAULT_WEIGHTS) - {"numbers"}
+        unknown = set(self.weights) - set(SOURCES)
         if unknown:
             raise ConfigError(f"unknown text sources {sorted(unknown)}; choose from {sorted(SOURCES)}")
 
