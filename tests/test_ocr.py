@@ -261,7 +261,7 @@ def test_page_split_is_the_official_separator():
 
 def test_bundled_model_reads_held_out_grid_pages_better_than_the_control():
     """The shipped weights read: on 3 held-out 4-line pages the edit distance to the page's own text is far
-    below the distance to another page's text (measured 0.15 vs 0.84 on the stage-D step-5007 weights; the
+    below the distance to another page's text (measured 0.15 vs 0.84 on the stage-D step-5400 weights; the
     step-2537 weights, 0.39 vs 0.82, would fail: a regression to them must show)."""
     from optictx import OCR
     from optictx.data.ocr_pages import heldout_pages
