@@ -118,7 +118,7 @@ def autocast(device: torch.device):
 def rank0_decides(flag: bool) -> bool:
     """Rank 0's value of ``flag`` on every rank: a time-based choice (checkpoint now?) made by each rank's own
     clock could differ, and a collective that only some ranks enter hangs."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if dist_info()[1] == 1:
         return flag
     t = torch.tensor([int(flag)])
     dist.broadcast(t, src=0)
