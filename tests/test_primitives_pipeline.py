@@ -36,7 +36,7 @@ def test_recipe_checks_catch_mistakes_before_training():
     for stages in bad:
         with pytest.raises(ConfigError):
             check_recipe({"stages": stages})
-    for f in ("configs/primitives-smoke.json", "configs/primitives-tiny.json"):
+    for f in ("configs/primitives-smoke.json", "configs/primitives-tiny.json", "configs/primitives-tiny-short.json"):
         check_recipe(json.load(open(f)))
 
 

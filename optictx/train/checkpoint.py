@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from optictx.errors import WeightsError
 from optictx.fileio import fsync_dir
+from optictx.train.distributed import dist_info
 from optictx.train.sharding import full_model_state, full_optimizer_state, is_sharded, load_full_state
 
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -137,7 +138,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         rng = load_file(str(path / "rng.safetensors"))
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank, _ = dist_info()
         torch.set_rng_state(rng.get(f"torch.rank{rank}", rng["torch"]))
         if torch.cuda.is_available():
             cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
@@ -151,9 +152,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
 def _rank_rng_states() -> tuple[list[torch.Tensor], list[tuple]]:
     """Every rank's torch and Python RNG states (a collective in a multi-process job, [] otherwise): each
     rank draws its own stream, so resuming only rank 0's would change what the other ranks draw."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    _, world = dist_info()
+    if world == 1:
         return [], []
-    gathered: list = [None] * dist.get_world_size()
+    gathered: list = [None] * world
     dist.all_gather_object(gathered, (torch.get_rng_state(), random.getstate()))
     return [t for t, _ in gathered], [p for _, p in gathered]
 

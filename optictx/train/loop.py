@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from optictx.errors import ConfigError
 from optictx.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from optictx.train.distributed import dist_info, init_distributed, rank0_decides
 from optictx.train.sharding import is_sharded, shard_model
 
 
@@ -60,22 +60,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join a torchrun job when WORLD_SIZE>1 (gloo on CPU, nccl on GPU); no-op otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist_info()
-
-
 def configure_cpu_backends() -> None:
     """Use PyTorch's native CPU convolution kernels for training, not oneDNN.
 
@@ -113,21 +97,6 @@ def autocast(device: torch.device):
     if pick_dtype(device) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def rank0_decides(flag: bool) -> bool:
-    """Rank 0's value of ``flag`` on every rank: a time-based choice (checkpoint now?) made by each rank's own
-    clock could differ, and a collective that only some ranks enter hangs."""
-    if dist_info()[1] == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def wrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -11,7 +11,8 @@ from optictx.config import preset
 from optictx.errors import ConfigError
 from optictx.grid_tokenizer import GridTokenizer
 from optictx.tokenizer import Tokenizer, train_bpe
-from optictx.train.loop import TrainConfig, barrier, init_distributed, train
+from optictx.train.distributed import barrier, init_distributed
+from optictx.train.loop import TrainConfig, train
 from optictx.train.ocr_task import OCRTask, OCRTaskConfig, OCRTrainModule, ProbeSites
 
 

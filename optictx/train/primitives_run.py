@@ -24,7 +24,8 @@ import torch
 
 from optictx.errors import ConfigError
 from optictx.tokenizer import Tokenizer, train_bpe
-from optictx.train.loop import TrainConfig, init_distributed, train
+from optictx.train.distributed import init_distributed
+from optictx.train.loop import TrainConfig, train
 from optictx.train.primitives_task import (Mixture, PrimitivesSFTTask, PrimitivesTrainModule, SFTConfig,
                                            dataclass_from, load_model, read_records, save_model, tokenizer_texts)
 
