@@ -217,10 +217,10 @@ def test_grounding_auxiliaries_targets_and_gradients(micro_folder):
     answer = "<|point|>[[900,900],[100,500]]<|/point|>"
     head = 20
     targets = pointer_targets(tok, answer, head, pixels, cfg)
-    assert [slot for _, slot, _, _ in targets] == [8, 2]  # (2,2) -> last slot; (row 1, col 0) -> slot 2
-    assert [(x, y) for _, _, x, y in targets] == [(900 / 999, 900 / 999), (100 / 999, 500 / 999)]
+    assert [slot for _, slot, _, _, _ in targets] == [8, 2]  # (2,2) -> last slot; (row 1, col 0) -> slot 2
+    assert [(x, y) for _, _, x, y, _ in targets] == [(900 / 999, 900 / 999), (100 / 999, 500 / 999)]
     starts = [a for a, _ in tok.hf.encode(answer, add_special_tokens=False).offsets]
-    for (q, _, _, _), digit_at in zip(targets, (answer.index("900"), answer.index("100"))):
+    for (q, _, _, _, _), digit_at in zip(targets, (answer.index("900"), answer.index("100"))):
         assert starts[q - head + 1] == digit_at  # the next token starts the group's first number
 
     mixture = Mixture({"pointing": 1}, scene={"side": 126, "max_objects": 3, "max_count": 2, "zero_prob": 0.0})
@@ -228,10 +228,21 @@ def test_grounding_auxiliaries_targets_and_gradients(micro_folder):
                                                            coord_weight=1.0))
     batch = task.batch(0, 0, 0, 1)
     assert len(batch["pointers"]) >= 2
+    # guided positions: from each group's pointer position to the one before its last digit, on its slot
+    guide = batch["guide"]
+    for row, q, slot in batch["pointers"].tolist():
+        assert guide[row, q] == slot
+    written = tok.decode(batch["input_ids"][:, 1:][guide[:, :-1] >= 0].tolist())
+    assert set(written) <= set("0123456789,") and written.count(",") >= len(batch["pointers"])
     net = PrimitivesTrainModule(model).train()
     loss, parts = task.loss(net, batch, 0)
     assert parts["appearance"] > 0 and parts["pointer"] > 0 and parts["coord"] > 0
     assert parts["loss"] == pytest.approx(parts["lm"] + parts["appearance"] + parts["pointer"] + parts["coord"],
+                                          rel=1e-5)
+    task.cfg.guide_weight = 1.0
+    _, parts = task.loss(net, batch, 0)
+    assert parts["guide"] > 0
+    assert parts["loss"] == pytest.approx(sum(parts[k] for k in ("lm", "appearance", "pointer", "coord", "guide")),
                                           rel=1e-5)
     loss.backward()
     for p in (net.appearance.weight, net.ptr_q.weight, net.ptr_k.weight, net.coord.weight,

@@ -289,7 +289,7 @@ def test_guided_attention_logprobs_are_the_modules_own_attention():
     applying them to the values reproduces the module's output; the loss is -log of the mass on the target."""
     from optictx.config import DeepseekV2Config
     from optictx.model.attention import MHAttention
-    from optictx.train.ocr_task import guided_attention_loss, head_attention_logprobs
+    from optictx.train.guidance import guided_attention_loss, head_attention_logprobs
 
     torch.manual_seed(0)
     cfg = DeepseekV2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, use_mla=False)
@@ -304,3 +304,32 @@ def test_guided_attention_logprobs_are_the_modules_own_attention():
     targets[0, 3], targets[1, 6] = 1, 0
     want = -(logp[0, :, 3, 1].sum() + logp[1, :, 6, 0].sum()) / 8
     assert torch.allclose(guided_attention_loss(logp, targets), want)
+
+
+def test_window_head_logprobs_are_a_v4_window_layers_own_attention():
+    """The primitives model's guided loss reads a V4 layer (window only, ratio 0): with the sink switched off,
+    its recomputed weights applied to the shared K=V reproduce the layer's output exactly."""
+    import dataclasses
+
+    from optictx.config import primitives_tiny
+    from optictx.model.csa import CompressedSparseAttention, rope_angles, rope_last
+    from optictx.train.guidance import window_head_logprobs
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(primitives_tiny(), hidden_size=32, num_attention_heads=2, qk_nope_head_dim=8,
+                              qk_rope_head_dim=4, sliding_window=5)
+    attn = CompressedSparseAttention(cfg, 0)
+    with torch.no_grad():
+        attn.attn_sink.fill_(-1e4)  # the sink takes no mass
+    x, pos = torch.randn(2, 9, 32), torch.arange(9)[None]
+    logp = window_head_logprobs(attn, x, pos, heads=2)
+    assert logp.shape == (2, 2, 9, 9)
+    assert torch.isinf(logp[0, 0, 8, :4]).all() and torch.isfinite(logp[0, 0, 8, 4:]).all()  # a 5-token window
+    captured = {}
+    attn._out = lambda o: captured.setdefault("o", o)
+    attn(x, pos.expand(2, 9))
+    cos, sin = rope_angles(pos.expand(2, 9), attn.rope_dim, attn.rope_theta)
+    kv = rope_last(attn.kv_norm(attn.wkv(x)), cos, sin, attn.rope_dim)
+    o = torch.einsum("bhqk,bkd->bqhd", logp.exp(), kv)
+    want = rope_last(o, cos, sin, attn.rope_dim, inverse=True)
+    assert torch.allclose(captured["o"], want, atol=1e-5)

@@ -30,7 +30,7 @@ from torch import nn
 
 from optictx.data.ocr_pages import (CELL_H, CELL_W, NEWLINE, Level, OCRPage, OCRPageSource, heldout_pages,
                                     newlines_look_ahead)
-from optictx.model.attention import apply_rope
+from optictx.train.guidance import guided_attention_loss, head_attention_logprobs
 from optictx.model.decoder import causal_lm_loss
 from optictx.model.vlm import DeepseekOCRForCausalLM
 from optictx.grid_tokenizer import GridTokenizer
@@ -354,32 +354,6 @@ class OCRTask:
         # precision alone rewards short guesses; recall and edit distance show whether the page was read
         return {**probes, "eval_loss": float(true_loss), "eval_swapped_loss": float(swap_loss),
                 "gap": float(swap_loss - true_loss), "eval_precision": p, "eval_recall": r, "eval_ned": ned}
-
-
-def head_attention_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, heads: int = 1
-                            ) -> torch.Tensor:
-    """Causal log-attention [B, heads, T, T] of the first `heads` heads of an MHAttention module, recomputed
-    from its input."""
-    b, t, _ = x.shape
-    d = attn.head_dim
-    q = apply_rope(attn.q_proj(x)[..., :heads * d].view(b, t, heads, d).transpose(1, 2), position_ids,
-                   attn.rope_theta)
-    k = apply_rope(attn.k_proj(x)[..., :heads * d].view(b, t, heads, d).transpose(1, 2), position_ids,
-                   attn.rope_theta)
-    scores = (q @ k.transpose(-1, -2)).float() / d**0.5
-    causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).log_softmax(-1)
-
-
-def guided_attention_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log attention mass on the target key (the slot holding the next character), over guided queries and
-    heads. logp [B, H, T, T], targets [B, T]."""
-    mask = targets >= 0
-    if not mask.any():
-        return logp.sum() * 0
-    index = targets.clamp(min=0)[:, None, :, None].expand(-1, logp.shape[1], -1, 1)
-    picked = logp.gather(-1, index).squeeze(-1)  # [B, H, T]
-    return -(picked.transpose(1, 2)[mask]).mean()
 
 
 @torch.no_grad()
