@@ -333,3 +333,15 @@ def test_window_head_logprobs_are_a_v4_window_layers_own_attention():
     o = torch.einsum("bhqk,bkd->bqhd", logp.exp(), kv)
     want = rope_last(o, cos, sin, attn.rope_dim, inverse=True)
     assert torch.allclose(captured["o"], want, atol=1e-5)
+
+
+def test_guided_loss_leaves_queries_whose_target_left_the_window_free():
+    from optictx.train.guidance import guided_attention_loss
+
+    logp = torch.full((1, 1, 4, 4), float("-inf"))
+    logp[0, 0, 2, 1:3] = torch.tensor([0.5, 0.5]).log()
+    logp[0, 0, 3, 2:4] = torch.tensor([0.25, 0.75]).log()
+    targets = torch.tensor([[-1, -1, 1, 0]])  # key 0 is outside query 3's 2-token window
+    loss = guided_attention_loss(logp, targets)
+    assert torch.isfinite(loss) and torch.allclose(loss, torch.tensor(0.5).log().neg())
+    assert guided_attention_loss(logp, torch.tensor([[-1, -1, -1, 0]])) == 0

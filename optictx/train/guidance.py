@@ -31,13 +31,16 @@ def head_attention_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torc
 
 def guided_attention_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-log attention mass on the target key at every guided query (``targets`` [B, T]: the key's position,
-    -1 = free), averaged over those queries and the heads of ``logp`` [B, H, T, T]."""
-    mask = targets >= 0
-    if not mask.any():
-        return logp.sum() * 0
+    -1 = free), averaged over those queries and the heads of ``logp`` [B, H, T, T].
+
+    A query whose target the layer cannot see (a key that slid out of a V4 layer's raw window: the image is
+    then read through the compressed entries) is left free; its -inf would make the loss infinite."""
     index = targets.clamp(min=0)[:, None, :, None].expand(-1, logp.shape[1], -1, 1)
-    picked = logp.gather(-1, index).squeeze(-1)  # [B, H, T]
-    return -(picked.transpose(1, 2)[mask]).mean()
+    picked = logp.gather(-1, index).squeeze(-1).transpose(1, 2)  # [B, T, H]
+    mask = (targets >= 0) & torch.isfinite(picked).all(-1)
+    if not mask.any():  # a zero that stays in the graph (DDP wants every parameter used)
+        return picked.nan_to_num(neginf=0.0).sum() * 0
+    return -picked[mask].mean()
 
 
 def window_head_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, heads: int = 1
