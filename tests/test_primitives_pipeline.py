@@ -241,6 +241,16 @@ def test_grounding_auxiliaries_targets_and_gradients(micro_folder):
                                           rel=1e-5)
     task.cfg.guide_weight = 1.0
     _, parts = task.loss(net, batch, 0)
+    assert parts["guide"] == 0  # the micro model's 16-token window no longer holds the image at the answer
+    attns = [layer.self_attn for layer in model.layers]
+    windows = [a.window for a in attns]
+    try:
+        for a in attns:
+            a.window = 1024
+        _, parts = task.loss(net, batch, 0)
+    finally:
+        for a, w in zip(attns, windows):
+            a.window = w
     assert parts["guide"] > 0
     assert parts["loss"] == pytest.approx(sum(parts[k] for k in ("lm", "appearance", "pointer", "coord", "guide")),
                                           rel=1e-5)
@@ -263,3 +273,21 @@ def test_primitives_bpe_spells_every_digit_and_keeps_the_special_ids():
     digits = [tok.hf.id_to_token(i) for i in ids if tok.hf.id_to_token(i).isdigit()]
     assert digits == list("12345999" "7")
     assert tok.token_id("<|point|>") in ids
+
+
+def test_bundled_primitives_model_looks_at_the_image():
+    """The shipped ``primitives-tiny`` reads its image: on held-out scenes, teacher-forced boxes and points cost
+    less with their own image than with another scene's. A blind model (what the first 500 steps without
+    guided attention gave: 0.002–0.027 nats) has a gap of ~0; the shipped weights measured 0.198."""
+    from pathlib import Path
+
+    from optictx.train.primitives_task import PrimitivesSFTTask, SFTConfig
+
+    folder = Path(__file__).resolve().parent.parent / "optictx" / "weights" / "primitives-tiny"
+    model, tok = load_model(folder)
+    task = PrimitivesSFTTask(tok, model.config, Mixture({"grounding": 1, "pointing": 1}, modes={"trigger": 1}),
+                             SFTConfig(batch_size=16, eval_samples=32, eval_decode=0, eval_seed=5_000_011))
+    with torch.backends.mkldnn.flags(enabled=False):
+        logs = task.evaluate(model, 0)
+    assert logs["gap"] > 0.1, logs
+    assert json.loads((folder / "training.json").read_text())["stage"] == "grpo_pointing"
