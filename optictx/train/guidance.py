@@ -49,8 +49,9 @@ def window_head_logprobs(attn: nn.Module, x: torch.Tensor, position_ids: torch.T
     (uncompressed) keys, recomputed from the layer's input.
 
     It leaves out the compressed entries and the sink that share the layer's softmax, so it is the
-    attention *among raw tokens*; in a training sequence (shorter than the window) every image token is a raw
-    key, which is what guidance needs. An MHA layer is read the same way (all of its keys are raw).
+    attention *among raw tokens*: while a sequence is shorter than the window every image token is a raw key,
+    which is what guidance needs (past it, ``guided_attention_loss`` leaves the query free). An MHA layer is
+    read with ``head_attention_logprobs`` (all of its keys are raw).
     """
     if not isinstance(attn, CompressedSparseAttention):
         if isinstance(attn, MHAttention):
