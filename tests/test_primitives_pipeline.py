@@ -291,3 +291,18 @@ def test_bundled_primitives_model_looks_at_the_image():
         logs = task.evaluate(model, 0)
     assert logs["gap"] > 0.1, logs
     assert json.loads((folder / "training.json").read_text())["stage"] == "grpo_pointing"
+
+
+def test_eval_primitives_cli_writes_a_table_and_refuses_bad_arguments(micro_folder, tmp_path, capsys):
+    folder, _, _ = micro_folder
+    out = tmp_path / "ev"
+    code = main(["eval", "primitives", str(folder), "--tasks", "counting,path", "--samples", "2", "--maze-pairs", "0",
+                 "--unseen", "0", "--general", "0", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "primitives_eval.json").read_text())["results"]
+    assert set(results) == {folder.name} and 0 <= results[folder.name]["counting_em"] <= 1
+    assert "counting_em" in (out / "stage_table.md").read_text()
+    for bad in (["--tasks", "knitting"], ["--samples", "-1"], ["--maze-tiers", ""]):
+        assert main(["eval", "primitives", str(folder), *bad, "--out", str(out)]) != 0
+    assert main(["eval", "primitives", str(tmp_path / "nowhere")]) != 0
+    assert "neither a model folder" in capsys.readouterr().err

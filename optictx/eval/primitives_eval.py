@@ -171,7 +171,7 @@ def evaluate_model(model, tok, sets: Mapping[str, list[Sample]], cfg: Primitives
                 key = {"counting": "counting_em_direct", "spatial": "spatial_acc_direct",
                        "path": "path_acc_direct"}.get(name, f"maze_acc_{name[5:]}_direct")
                 m[key] = _acc(samples, out)
-        direct_maze = [(s, t) for n in maze_names for s, t in zip(sets[n], texts[f"{n}_direct"])]
+        direct_maze = [(s, t) for n in maze_names for s, t in zip(sets[n], texts.get(f"{n}_direct", []))]
         if direct_maze:
             m["maze_acc_direct"] = _acc(*zip(*direct_maze))
     return m, texts
@@ -247,3 +247,67 @@ def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str 
             json.dumps({"config": asdict(cfg), "results": results}, indent=2) + "\n", encoding="utf-8")
         (out_dir / "stage_table.md").write_text(stage_table(results) + "\n", encoding="utf-8")
     return results
+
+
+SIZE_TASKS = ("counting", "pointing", "grounding", "spatial", "path")
+
+
+def register_cli(ev) -> None:
+    from optictx.commands.reason import DEFAULT_MODEL
+
+    p = ev.add_parser("primitives", help="counting / pointing / grounding / maze / path-tracing accuracy",
+                      description="Greedy answers of visual-primitives models on held-out scenes, mazes and "
+                                  "paths (and unseen styles): counting EM, pointing hit rate, grounding AP@0.5, "
+                                  "maze and path accuracy, with and without primitives. Give a run folder to "
+                                  "get its stage table (every finished stage).")
+    p.add_argument("models", nargs="*", metavar="MODEL_OR_RUN",
+                   help=f"model folders and/or primitives run folders (default: the bundled {DEFAULT_MODEL.name})")
+    p.add_argument("--stages", default=None, help="only these stages of a run folder, comma separated")
+    p.add_argument("--tasks", default=",".join(SIZE_TASKS),
+                   help=f"which of {','.join(SIZE_TASKS)} to run (mazes: --maze-pairs)")
+    p.add_argument("--samples", type=int, default=100, help="held-out samples per task (default 100)")
+    p.add_argument("--maze-pairs", type=int, default=50, help="solvable/unsolvable maze pairs per tier (default 50)")
+    p.add_argument("--maze-tiers", default="easy,medium", help="maze tiers, comma separated")
+    p.add_argument("--unseen", type=int, default=50, help="samples per task in unseen styles")
+    p.add_argument("--general", type=int, default=50, help="general questions (does it skip primitives?)")
+    p.add_argument("--no-direct", action="store_true", help="skip the 'Answer directly.' ablation")
+    p.add_argument("--out", default="out/eval-primitives", help="folder for primitives_eval.json, stage_table.md")
+    p.set_defaults(func=run_cli)
+
+
+def _models_from(paths: list[str], stages: list[str] | None) -> dict[str, Path]:
+    models: dict[str, Path] = {}
+    for raw in paths:
+        path = Path(raw)
+        if (path / "recipe.json").is_file():
+            found = stage_models(path)
+            for name in stages or found:
+                if name not in found:
+                    raise ConfigError(f"{path} has no finished stage {name!r}; finished: {sorted(found)}")
+                models[name if len(paths) == 1 else f"{path.name}/{name}"] = found[name]
+        elif (path / "config.json").is_file():
+            models[path.name] = path
+        else:
+            raise ConfigError(f"{path} is neither a model folder (config.json) nor a primitives run (recipe.json)")
+    return models
+
+
+def run_cli(args) -> int:
+    from optictx.commands.reason import DEFAULT_MODEL
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = set(tasks) - set(SIZE_TASKS)
+    if bad or min(args.samples, args.maze_pairs, args.unseen, args.general) < 0:
+        raise ConfigError(f"--tasks takes some of {','.join(SIZE_TASKS)} (got {sorted(bad)}); sizes must be >= 0")
+    tiers = tuple(t.strip() for t in args.maze_tiers.split(",") if t.strip())
+    if not tiers:
+        raise ConfigError("--maze-tiers needs at least one tier (easy, medium, hard, nightmare)")
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    models = _models_from(args.models or [str(DEFAULT_MODEL)], stages)
+    spec = {t: (args.samples if t in tasks else 0) for t in SIZE_TASKS}
+    spec.update(maze_pairs_per_tier=args.maze_pairs, unseen=args.unseen, general=args.general,
+                direct_ablation=not args.no_direct, maze_tiers=tiers)
+    results = evaluate_primitives(models, args.out, spec)
+    print(stage_table(results))
+    print(f"wrote {Path(args.out) / 'stage_table.md'}")
+    return 0
