@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -220,8 +220,7 @@ def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str 
         cfg = dataclass_from(PrimitivesEvalConfig, cfg, "eval")
     cfg = (cfg or PrimitivesEvalConfig()).validate()
     if isinstance(models, (str, Path)):
-        path = Path(models)
-        models = stage_models(path) if (path / "recipe.json").is_file() else {path.name: path}
+        models = resolve_models([models])
     if not models:
         raise ConfigError("no model to evaluate (no finished stage in the run folder?)")
     sets = eval_sets(cfg)
@@ -275,7 +274,8 @@ def register_cli(ev) -> None:
     p.set_defaults(func=run_cli)
 
 
-def _models_from(paths: list[str], stages: list[str] | None) -> dict[str, Path]:
+def resolve_models(paths: Sequence[str | Path], stages: Sequence[str] | None = None) -> dict[str, Path]:
+    """{name: model folder} for model folders and run folders (every finished stage, or only ``stages``)."""
     models: dict[str, Path] = {}
     for raw in paths:
         path = Path(raw)
@@ -303,7 +303,7 @@ def run_cli(args) -> int:
     if not tiers:
         raise ConfigError("--maze-tiers needs at least one tier (easy, medium, hard, nightmare)")
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    models = _models_from(args.models or [str(DEFAULT_MODEL)], stages)
+    models = resolve_models(args.models or [DEFAULT_MODEL], stages)
     spec = {t: (args.samples if t in tasks else 0) for t in SIZE_TASKS}
     spec.update(maze_pairs_per_tier=args.maze_pairs, unseen=args.unseen, general=args.general,
                 direct_ablation=not args.no_direct, maze_tiers=tiers)

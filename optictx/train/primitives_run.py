@@ -304,12 +304,10 @@ def _run(recipe: dict, out: Path, all_stages: list[dict], stages: list[str] | No
             continue
         results[stage["name"]] = run_stage(recipe, stage, index, out, tok)
     if recipe.get("eval") is not None and stages is None:
-        from optictx.eval.primitives_eval import evaluate_primitives, stage_models
+        from optictx.eval.primitives_eval import evaluate_primitives, resolve_models
 
         spec = dict(recipe["eval"])
-        models = stage_models(out)
-        if "stages" in spec:  # evaluate only these stages (smoke runs)
-            models = {n: models[n] for n in spec.pop("stages")}
+        models = resolve_models([out], spec.pop("stages", None))  # "stages": evaluate only these
         results["eval"] = evaluate_primitives(models, out / "eval", spec)
         print((out / "eval" / "stage_table.md").read_text(encoding="utf-8"), flush=True)
     return results

@@ -447,7 +447,8 @@ class PrimitivesSFTTask:
         else:
             idx = [base + i for i in range(bs)]
         # pointer targets come from gold coordinates only (an RFT record's coordinates may be wrong)
-        pointers = self.auxiliary and self.records is None
+        c = self.cfg
+        pointers = (c.pointer_weight > 0 or c.coord_weight > 0 or c.guide_weight > 0) and self.records is None
         return collate(self.tok, [self.example(i) for i in idx], self.model_cfg, self.cfg.max_len, pointers)
 
     @property
