@@ -7,11 +7,12 @@ never raises.
 * **Format** (rule-based, 0-1, paper): primitive syntax — every ``<|ref|>…<|/ref|><|box|>[[x1,y1,x2,y2],…]<|/box|>``
   and ``<|point|>[[x,y],…]<|/point|>`` well formed, integers 0-999, boxes non-degenerate and ordered left to
   right; one final ``\\boxed{}`` when the task has an answer (grounding/pointing: a box/point list or a
-  refusal); primitives present when the trigger asks for them and absent when asked to answer directly.
-  The mean of those checks is multiplied by ``1 - duplicate fraction``: the paper's penalty for redundancy
-  such as duplicate boxes, which stops a model from looping on box generation.
+  refusal). The mean of those checks is multiplied by ``1 - duplicate fraction``: the paper's penalty for
+  redundancy such as duplicate boxes, which stops a model from looping on box generation; and by the mode
+  gate [mine]: primitives present when the trigger asks for them, absent when asked to answer directly
+  (0 or 1, so leaving out the thinking can never pay).
 * **Quality** ({0, 0.5, 1}, paper: an LLM judge; here a rule proxy with the same five concerns, plus "no
-  answer at all"): redundancy
+  answer at all" and "no thinking although the trigger asked for it"): redundancy
   (a primitive span repeated 3+ times), thinking/answer consistency (number of cited instances = boxed
   count; a stated relation, route or endpoint that matches the boxed answer), self-contradiction (two
   different boxed answers), boxes on real objects (IoU ≥ 0.5 with a drawn object; points inside one), and
@@ -193,13 +194,24 @@ def format_reward(sample: Sample, text: str) -> tuple[float, dict[str, float]]:
         kind = "<|box|>" if sample.task == "grounding" else "<|point|>"
         checks["answer_form"] = float((has_prims and kind in text.replace("\uff5c", "|")) or _REFUSAL.search(text)
                                       is not None)
-    if sample.task in THINKING_TASKS and sample.prompt.startswith(TRIGGER):
-        wants_none = sample.task == "counting" and sample.answer == "0"  # "find none" needs no primitive
-        checks["uses_primitives"] = float(has_prims or wants_none)
+    modes = {}
+    if thinking_required(sample):
+        modes["uses_primitives"] = float(has_prims)
     if sample.prompt.endswith(DIRECT_SUFFIX.strip()) or sample.task == "general":
-        checks["no_primitives"] = float(syn.spans + syn.malformed == 0)
-    score = float(np.mean(list(checks.values()))) * (1.0 - syn.duplicate_fraction)
-    return score, {**{f"format_{k}": v for k, v in checks.items()}, "duplicates": syn.duplicate_fraction}
+        modes["no_primitives"] = float(syn.spans + syn.malformed == 0)
+    # The mode is a gate, not one more averaged check: as a third of the mean, dropping the thinking cost 0.33
+    # format while sparing the quality judge's "ungrounded"/"inconsistent" issues, and GRPO learned exactly that
+    # (counting, lr 1e-4: completions 39 -> 5.5 tokens in 10 steps, exact counts 16% -> 10%).
+    gate = float(np.prod(list(modes.values()))) if modes else 1.0
+    score = float(np.mean(list(checks.values()))) * (1.0 - syn.duplicate_fraction) * gate
+    parts = {**checks, **modes}
+    return score, {**{f"format_{k}": v for k, v in parts.items()}, "duplicates": syn.duplicate_fraction}
+
+
+def thinking_required(sample: Sample) -> bool:
+    """The trigger asks for primitive thinking on this task (a count of zero has nothing to cite)."""
+    wants_none = sample.task == "counting" and sample.answer == "0"
+    return sample.task in THINKING_TASKS and sample.prompt.startswith(TRIGGER) and not wants_none
 
 
 # ----------------------------------------------------------------------------- quality
@@ -227,6 +239,8 @@ def quality_issues(sample: Sample, text: str) -> list[str]:
         issues.append("no final answer")
     if sample.task in ("grounding", "pointing") and not prims and not _REFUSAL.search(text):
         issues.append("no answer: neither primitives nor a refusal")
+    if thinking_required(sample) and not prims:
+        issues.append("unsupported: the trigger asked for primitive thinking, none is cited")
     issues += _consistency(sample, text, prims, final)
     issues += _grounded(sample, prims)
     return issues

@@ -168,6 +168,29 @@ def test_grpo_rft_and_opd_stages_run_from_cached_screening_pools(tmp_path):
     assert [json.loads(r)["text"] for r in records] == ["\\boxed{1}"]  # the normal prompt's correct rollout only
 
 
+def test_only_trains_the_picked_stages_once_their_inputs_are_done(tmp_path, capsys):
+    from optictx.train.primitives_run import run_primitives
+
+    smoke = json.load(open("configs/primitives-smoke.json"))
+    one = {"max_steps": 1, "warmup_steps": 1, "eval_every": 100, "log_every": 1}
+    sft = {"batch_size": 2, "eval_samples": 2, "eval_decode": 0}
+    stages = [{"name": "base", "kind": "sft", "init": None, "tasks": {"counting": 1}, "train": one, "sft": sft},
+              {"name": "more", "kind": "sft", "init": "base", "tasks": {"counting": 1}, "train": one, "sft": sft}]
+    recipe = {k: smoke[k] for k in ("task", "model", "model_overrides", "tokenizer", "data", "eval")} | {"stages": stages}
+    with pytest.raises(ConfigError, match="not done"):
+        run_primitives(recipe, tmp_path, stages=["more"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        run_primitives(recipe, tmp_path, stages=["mor"])
+    assert set(run_primitives(recipe, tmp_path, stages=["base"])) == {"base"}  # no stage table either
+    assert not (tmp_path / "more").exists() and not (tmp_path / "eval").exists()
+    recipe_file = tmp_path / "recipe-in.json"
+    recipe_file.write_text(json.dumps(recipe))
+    assert main(["train", "--config", str(recipe_file), "--out", str(tmp_path), "--only", "more"]) == 0
+    assert (tmp_path / "more" / "model" / "config.json").is_file() and not (tmp_path / "eval").exists()
+    assert main(["train", "--config", "configs/ocr-tiny.json", "--out", str(tmp_path / "o"), "--only", "x"]) != 0
+    assert "--only" in capsys.readouterr().err
+
+
 def test_export_stage_writes_a_bf16_folder_that_loads(micro_folder, tmp_path):
     from optictx.train.primitives_run import export_stage
 

@@ -59,22 +59,31 @@ def test_format_penalises_duplicates_bad_syntax_and_missing_pieces():
     dup = format_box("red circle", [(100, 100, 200, 200), (101, 100, 200, 200), (500, 500, 600, 600)])
     r = rewards.score(s, dup + " \\boxed{3}")
     assert r.parts["duplicates"] == pytest.approx(1 / 3) and r.format == pytest.approx(2 / 3)
-    # an unclosed box list is malformed (and so no primitive was used): mean(syntax 0, boxed 1, uses 0)
+    # one well-formed list and one unclosed one: mean(syntax 1/2, boxed 1) = 0.75 ...
+    half = format_box("red circle", [(100, 100, 200, 200), (500, 500, 600, 600)]) + " <|box|>[[1,2 \\boxed{2}"
+    r = rewards.score(s, half)
+    assert r.parts["format_syntax"] == pytest.approx(0.5) and r.format == pytest.approx(0.75)
+    # ... and when nothing well formed is left, no primitive was used: the trigger's gate makes format 0
     broken = "<|ref|>red circle<|/ref|><|box|>[[100,100,200,200],[500,500 \\boxed{2}"
     r = rewards.score(s, broken)
-    assert r.parts["format_syntax"] == 0.0 and r.parts["format_uses_primitives"] == 0.0
-    assert r.format == pytest.approx(1 / 3)
+    assert r.parts["format_syntax"] == 0.0 and r.parts["format_uses_primitives"] == 0.0 and r.format == 0.0
     # boxes not ordered left to right, or degenerate, are malformed
     assert rewards.check_syntax("<|ref|>a<|/ref|><|box|>[[500,1,600,2],[100,1,200,2]]<|/box|>").malformed == 1
     assert rewards.check_syntax("<|ref|>a<|/ref|><|box|>[[5,5,5,9]]<|/box|>").malformed == 1
     assert rewards.check_syntax("<|point|>[[1000,5]]<|/point|>").malformed == 1
-    # with the trigger, no primitive at all misses the uses-primitives check
+    # with the trigger, no primitive at all fails the mode gate, and the quality judge flags it: dropping the
+    # thinking must never beat thinking with one ungrounded box (the reward hack GRPO found when it was a mean)
     r = rewards.score(s, "There are two. \\boxed{2}")
-    assert r.parts["format_uses_primitives"] == 0.0 and r.format == pytest.approx(2 / 3)
+    assert r.parts["format_uses_primitives"] == 0.0 and r.format == 0.0 and r.quality == 0.5
+    ungrounded = rewards.score(s, format_box("red circle", [(100, 100, 200, 200), (700, 700, 800, 800)]) + " \\boxed{2}")
+    assert ungrounded.quality == 0.5 and ungrounded.total > r.total
+    zero = scenes.counting(0, next(i for i in range(200) if scenes.counting(0, i).answer == "0"), mode="trigger")
+    assert rewards.score(zero, "There are none. \\boxed{0}").format == 1.0  # nothing to cite
+    assert rewards.score(zero, "There are none. \\boxed{0}").quality == 1.0
     # "Answer directly": primitives are a format failure
     direct = _counting(mode="direct")
     direct.prompt = "How many red circles are there? Answer directly."
-    assert rewards.score(direct, GOOD).parts["format_no_primitives"] == 0.0
+    assert rewards.score(direct, GOOD).parts["format_no_primitives"] == 0.0 and rewards.score(direct, GOOD).format == 0
     assert rewards.score(direct, "\\boxed{2}").format == 1.0
 
 
@@ -168,7 +177,8 @@ def test_any_string_is_scored_without_raising(text):
 def test_empty_or_garbage_answers_lose_format_and_quality():
     r = rewards.score(_counting(), "the the the")
     assert r.parts["format_boxed"] == 0.0 and r.parts["format_uses_primitives"] == 0.0
-    assert r.format == pytest.approx(1 / 3) and r.quality == 0.5 and r.issues == ["no final answer"]
+    assert r.format == 0.0 and r.quality == 0.0
+    assert r.issues == ["no final answer", "unsupported: the trigger asked for primitive thinking, none is cited"]
     g = scenes.grounding(0, 0)
     r = rewards.score(g, "blah")
     assert r.parts["format_answer_form"] == 0.0 and r.format == 0.5 and r.quality == 0.5 and r.accuracy == 0.0

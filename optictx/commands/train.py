@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", default=None, help="destination folder for --export")
     p.add_argument("--dtype", default="bfloat16", help="dtype of exported weights (bfloat16 keeps them small)")
     p.add_argument("--stage", default="opd", help="for a primitives run: which stage to export (default opd)")
+    p.add_argument("--only", default=None, metavar="STAGE[,STAGE]",
+                   help="for a primitives recipe: train only these stages (the stages they start from must be done "
+                        "in OUT) and skip the stage-table evaluation")
     p.set_defaults(func=run)
 
 
@@ -60,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         recipe.setdefault("train", {})["max_steps"] = args.max_steps
     out = args.out or os.path.join("runs", Path(args.config).stem)
     task = recipe.get("task")
+    if args.only and task != "primitives":
+        raise ConfigError("--only selects stages of a primitives recipe; an OCR recipe has one training run")
     if task == "ocr":
         from optictx.train.ocr_run import run_ocr
 
@@ -67,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     elif task == "primitives":
         from optictx.train.primitives_run import run_primitives
 
-        metrics = run_primitives(recipe, out)
+        only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+        metrics = run_primitives(recipe, out, stages=only)
     else:
         raise ConfigError(f"unknown task {task!r} in {args.config}; expected 'ocr' or 'primitives'")
     print(json.dumps(metrics, indent=2))

@@ -49,6 +49,12 @@ def stage_mixture(recipe: dict, stage: dict) -> Mixture:
     return Mixture(**kwargs)
 
 
+def stage_inputs(stage: dict) -> list[str]:
+    """The earlier stages a stage starts from: its init, RFT experts and OPD teachers."""
+    refs = [stage.get("init")] + list(stage.get("experts", [])) + [t.get("stage") for t in stage.get("teachers", [])]
+    return [r for r in refs if r is not None]
+
+
 def check_recipe(recipe: dict) -> list[dict]:
     """Validate the stage graph before any training starts (a typo must not waste hours)."""
     stages = recipe.get("stages")
@@ -61,9 +67,8 @@ def check_recipe(recipe: dict) -> list[dict]:
             raise ConfigError(f"stage names must be unique and non-empty, got {name!r}")
         if kind not in KINDS:
             raise ConfigError(f"stage {name}: kind {kind!r} is not one of {KINDS}")
-        refs = [st.get("init")] + list(st.get("experts", [])) + [t.get("stage") for t in st.get("teachers", [])]
-        for ref in refs:
-            if ref is not None and ref not in seen:
+        for ref in stage_inputs(st):
+            if ref not in seen:
                 raise ConfigError(f"stage {name} refers to {ref!r}, which is not an earlier stage")
         if kind in ("grpo", "opd") and not st.get("init"):
             raise ConfigError(f"stage {name}: {kind} starts from a trained stage ('init')")
@@ -274,6 +279,11 @@ def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = Non
     if max_steps is not None:
         recipe = cap_steps(recipe, max_steps)
         all_stages = recipe["stages"]
+    if stages is not None:
+        unknown = sorted(set(stages) - {st["name"] for st in all_stages})
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {unknown}; the recipe has {[st['name'] for st in all_stages]}")
+        _check_inputs_done(all_stages, stages, Path(out))
     _, world = init_distributed()
     if world > 1:
         raise ConfigError("the primitives pipeline runs in one process (rollouts are per process); drop torchrun")
@@ -281,6 +291,18 @@ def run_primitives(recipe: dict, out: str | Path, stages: list[str] | None = Non
         return _run(recipe, out, all_stages, stages)
 
 
+
+
+def _check_inputs_done(all_stages: list[dict], stages: list[str], out: Path) -> None:
+    """A stage picked alone needs every stage it starts from (init, experts, teachers) done or picked too."""
+    picked = set(stages)
+    for st in all_stages:
+        if st["name"] not in picked:
+            continue
+        for ref in stage_inputs(st):
+            if ref not in picked and not (out / ref / "model" / "config.json").is_file():
+                raise ConfigError(f"stage {st['name']} starts from {ref!r}, which is not done in {out}; "
+                                  f"add it to the stages to train")
 
 
 def cap_steps(recipe: dict, max_steps: int) -> dict:
