@@ -138,7 +138,8 @@ def evaluate_model(model, tok, sets: Mapping[str, list[Sample]], cfg: Primitives
         if progress:
             print(f"  {name}: {len(samples)} samples", flush=True)
         limit = cfg.max_new_tokens.get(task_of(name), 256)
-        outs = rollouts(model, tok, samples, 1, max_new_tokens=limit, max_rows=cfg.max_rows, prompts=prompts)
+        outs = rollouts(model, tok, samples, 1, max_new_tokens=limit, max_rows=cfg.max_rows, prompts=prompts,
+                        progress=f"  {name}" if progress else None)
         return [o.texts[0] for o in outs]
 
     texts = {name: run(name, samples) for name, samples in sets.items() if samples}

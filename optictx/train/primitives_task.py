@@ -340,11 +340,14 @@ class Rollout:
 @torch.no_grad()
 def rollouts(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], n: int = 1, *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             max_rows: int = 32, prompts: Sequence[str] | None = None) -> list[Rollout]:
+             max_rows: int = 32, prompts: Sequence[str] | None = None,
+             progress: str | None = None) -> list[Rollout]:
     """``n`` completions per sample, batching only prompts of equal length (no padding ever).
 
-    ``prompts`` overrides each sample's prompt (the evaluation's "direct" ablation uses it).
+    ``prompts`` overrides each sample's prompt (the evaluation's "direct" ablation uses it); ``progress``
+    names a progress bar over the samples (stderr), for long evaluations.
     """
+    from tqdm import tqdm
     from optictx.generate import GenerationConfig, generate
 
     cfg = model.config
@@ -360,6 +363,7 @@ def rollouts(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], n: int
         by_len[len(item.prompt)].append(k)
     per_batch = max(1, max_rows // n)
     call = 0
+    bar = tqdm(total=len(items), desc=progress, unit="sample", disable=progress is None, leave=False)
     for length in sorted(by_len):
         group = by_len[length]
         for start in range(0, len(group), per_batch):
@@ -375,6 +379,8 @@ def rollouts(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], n: int
                 items[k].token_ids.extend(ids)
                 items[k].texts.extend(tok.decode(t) for t in ids)
                 items[k].stopped.extend(r == "eos" for r in out.finish_reasons[j * n:(j + 1) * n])
+            bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     return items
 
