@@ -20,7 +20,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from optictx.device import pick_dtype
-from optictx.train.ocr_run import _fields, build_model
+from optictx.config import dataclass_from
+from optictx.train.ocr_run import build_model
 from optictx.train.ocr_task import OCRTask, OCRTaskConfig, OCRTrainModule, ProbeSites
 from optictx.grid_tokenizer import build_grid_tokenizer
 from optictx.tokenizer import train_bpe
@@ -50,9 +51,9 @@ def main() -> None:
     if args.vocab == "grid":
         tok = build_grid_tokenizer()
         recipe = json.loads((Path(__file__).parents[1] / "configs" / "ocr-tiny-grid.json").read_text())
-        task_keys = {k: v for k, v in _fields(OCRTaskConfig, recipe["ocr"]).items()
-                     if k in ("guide_weight", "guide_layers", "guide_heads", "cursor_weight", "glyph_weight",
-                              "token_weight")}
+        shipped = dataclass_from(OCRTaskConfig, recipe["ocr"], "ocr")
+        task_keys = {k: getattr(shipped, k) for k in ("guide_weight", "guide_layers", "guide_heads", "cursor_weight",
+                                                       "glyph_weight", "token_weight")}
     else:
         tok = train_bpe(tokenizer_training_text(0, 2000), vocab_size=4096)
     _, model = build_model({"model": "ocr-tiny"}, tok)

@@ -28,6 +28,17 @@ def _from_dict(cls, d: dict[str, Any]):
         raise ConfigError(f"bad {cls.__name__} fields: {e}") from e
 
 
+def dataclass_from(cls, values: dict | None, where: str):
+    """Build a config dataclass from a recipe dict, refusing unknown keys (a typo in a recipe must not pass
+    silently, unlike the leftovers of official files that ``_from_dict`` skips). JSON lists become tuples."""
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 # --------------------------------------------------------------------------- language model
 @dataclass
 class DeepseekV2Config:

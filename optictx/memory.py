@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field

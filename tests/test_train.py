@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from optictx.config import ClipConfig, SamConfig
 from optictx.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from optictx.data.sample import Sample, boxed, check_mode, pick, rng, wrap_prompt
 from optictx.errors import ConfigError
-from optictx.primitives import format_points, parse_primitives, point_to_999
+from optictx.primitives import format_points, point_to_999
 
 ALGORITHMS = ("dfs", "prim", "kruskal")
 MARKER_COLOURS = {"lime": (90, 200, 40), "tangerine": (245, 135, 30), "crimson": (200, 20, 60),

@@ -17,7 +17,6 @@ from functools import lru_cache
 from PIL import Image, ImageDraw, ImageFont
 
 from optictx.data.corpus import TextSampler, heldout_paragraphs
-from optictx.render import PageStyle, render_text
 
 # Tiny-model font: one fixed monospace face, pinned by file (DejaVu Sans Mono, Debian fonts-dejavu-core) so that
 # installing another mono font (e.g. Noto Sans Mono) never changes the pixels the bundled model was trained on.

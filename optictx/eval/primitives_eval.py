@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from optictx.config import dataclass_from
 from optictx.data import mazes, paths, scenes
 from optictx.data.sample import DIRECT_SUFFIX, TRIGGER, Sample
 from optictx.errors import ConfigError
@@ -63,8 +64,6 @@ class PrimitivesEvalConfig:
 
 
 def _cfg(cls, values: dict, **extra):
-    from optictx.train.primitives_task import dataclass_from
-
     return dataclass_from(cls, {**values, **extra}, cls.__name__).validate()
 
 
@@ -216,8 +215,6 @@ def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str 
     from optictx.train.primitives_task import load_model
 
     if isinstance(cfg, dict):
-        from optictx.train.primitives_task import dataclass_from
-
         cfg = dataclass_from(PrimitivesEvalConfig, cfg, "eval")
     cfg = (cfg or PrimitivesEvalConfig()).validate()
     if isinstance(models, (str, Path)):

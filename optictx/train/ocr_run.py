@@ -1,27 +1,18 @@
 """Glue for `optictx train --config configs/ocr-tiny.json`: tokenizer, model, task, loop, export."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from optictx.config import preset
+from optictx.config import dataclass_from, preset
 from optictx.errors import ConfigError
 from optictx.grid_tokenizer import GridTokenizer
 from optictx.tokenizer import Tokenizer, train_bpe
 from optictx.train.distributed import barrier, init_distributed
 from optictx.train.loop import TrainConfig, train
 from optictx.train.ocr_task import OCRTask, OCRTaskConfig, OCRTrainModule, ProbeSites
-
-
-def _fields(cls, d: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def build_tokenizer(recipe: dict, out: Path) -> Tokenizer:
@@ -130,7 +121,7 @@ def prepare_ocr(recipe: dict, out: str | Path):
         # Warm start from an exported model folder (e.g. the bundled weights): used only when the run has no
         # checkpoint yet; resuming from a checkpoint restores everything, optimizer included.
         warm_start(model, recipe["init_from"])
-    task_cfg = OCRTaskConfig(**_fields(OCRTaskConfig, recipe.get("ocr", {})))
+    task_cfg = dataclass_from(OCRTaskConfig, recipe.get("ocr"), "ocr")
     net = OCRTrainModule(model, *ProbeSites.cells(task_cfg.page_size, task_cfg.grid))
     if recipe.get("init_probes_from"):
         # the probes of a warm start's own run (a checkpoint folder): fresh probes would send noise into
@@ -142,7 +133,7 @@ def prepare_ocr(recipe: dict, out: str | Path):
         if not probes:
             raise ConfigError(f"init_probes_from {recipe['init_probes_from']}: no probe weights")
         net.load_state_dict(probes, strict=False)
-    train_cfg = TrainConfig(out_dir=str(out), **_fields(TrainConfig, recipe.get("train", {})))
+    train_cfg = dataclass_from(TrainConfig, {"out_dir": str(out), **recipe.get("train", {})}, "train")
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {recipe.get('model')}: {n_params / 1e6:.2f}M parameters; vocab {tok.vocab_size}", flush=True)
@@ -156,7 +147,6 @@ def run_ocr(recipe: dict, out: str | Path) -> dict:
 
 def export_run(run_dir: str | Path, dest: str | Path, dtype: str = "bfloat16") -> Path:
     """Latest checkpoint of a run -> a model folder (config.json, safetensors, tokenizer) like the official one."""
-    from optictx.model.vlm import DeepseekOCRForCausalLM
     from safetensors.torch import load_file
 
     from optictx.train.checkpoint import latest_checkpoint

@@ -19,7 +19,6 @@ Curriculum: pages start with a line or two and grow to full pages (16 lines, 6-9
 """
 from __future__ import annotations
 
-import random
 import string
 from dataclasses import dataclass, field
 
@@ -30,11 +29,11 @@ from torch import nn
 
 from optictx.data.ocr_pages import (CELL_H, CELL_W, NEWLINE, Level, OCRPage, OCRPageSource, heldout_pages,
                                     newlines_look_ahead)
-from optictx.train.guidance import guided_attention_loss, head_attention_logprobs
 from optictx.model.decoder import causal_lm_loss
 from optictx.model.vlm import DeepseekOCRForCausalLM
 from optictx.grid_tokenizer import GridTokenizer
 from optictx.tokenizer import Tokenizer
+from optictx.train.guidance import guided_attention_loss, head_attention_logprobs
 
 PROMPT_AFTER_IMAGE = "\nFree OCR."
 CHAR_ALPHABET = string.printable[:95]  # digits, letters, punctuation, space

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
+from optictx.config import dataclass_from
 from optictx.errors import ConfigError
 from optictx.tokenizer import Tokenizer, train_bpe
 from optictx.train.distributed import init_distributed
 from optictx.train.loop import TrainConfig, train
-from optictx.train.primitives_task import (Mixture, PrimitivesSFTTask, PrimitivesTrainModule, SFTConfig,
-                                           dataclass_from, load_model, read_records, save_model, tokenizer_texts)
+from optictx.train.primitives_task import (Mixture, PrimitivesSFTTask, PrimitivesTrainModule, SFTConfig, load_model,
+                                           read_records, save_model, tokenizer_texts)
 
 KINDS = ("sft", "grpo", "rft", "opd")
 

@@ -25,7 +25,7 @@ import bisect
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optictx.config import dataclass_from
 from optictx.data import mazes, paths, scenes
 from optictx.data.sample import MODES, Sample
 from optictx.errors import ConfigError
@@ -48,16 +49,6 @@ TASKS: dict[str, Callable[..., Sample]] = {
 _CONFIG_OF = {"grounding": "scene", "pointing": "scene", "counting": "scene", "spatial": "scene",
               "general": "scene", "maze": "maze", "path": "path"}
 _CONFIG_CLASS = {"scene": scenes.SceneConfig, "maze": mazes.MazeConfig, "path": paths.PathConfig}
-
-
-def dataclass_from(cls, values: dict | None, where: str):
-    """Build a config dataclass from a recipe dict, refusing unknown keys (a typo must not pass silently)."""
-    values = dict(values or {})
-    names = {f.name for f in fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 # ----------------------------------------------------------------------------- mixtures
