@@ -240,9 +240,9 @@ class OCR:
     def stream(self, image: ImageSource, *, prompt: str | None = None, target: str | None = None,
                page: int | None = None, keep_image: bool = True) -> "OCRStream":
         """Text deltas as they are decoded; ``.result`` is the PageResult once the iterator is exhausted."""
-        job = self._prepare(image, prompt, target, page, keep_image)
+        job = self.prepare(image, prompt, target, page, keep_image)
         steps = iter_steps(self.model, [job.prompt.input_ids], self.generation, tokenizer=self.tokenizer,
-                           prefill=self._prefill([job]))
+                           prefill=self.prefill_inputs([job]))
         return OCRStream(self, job, TextStream(steps))
 
     # ------------------------------------------------------------------ many pages
@@ -251,14 +251,14 @@ class OCR:
         """OCR several images in one left-padded batch (prefill/decode timings are the batch's)."""
         if not images:
             return []
-        jobs = [self._prepare(im, prompt, target, None, keep_image) for im in images]
+        jobs = [self.prepare(im, prompt, target, None, keep_image) for im in images]
         ids, mask = left_pad([j.prompt.input_ids for j in jobs], self.generation.pad_token_id)
         steps = iter_steps(self.model, ids, self.generation, tokenizer=self.tokenizer, attention_mask=mask,
-                           prefill=self._prefill(jobs))
+                           prefill=self.prefill_inputs(jobs))
         out = TextStream(steps)
         for _ in out:
             pass
-        return [self._result(j, out.output, i) for i, j in enumerate(jobs)]
+        return [self.page_result(j, out.output, i) for i, j in enumerate(jobs)]
 
     def pdf(self, path: str | Path | bytes, dpi: float = 144, first: int = 0, last: int | None = None, *,
             password: str | None = None, keep_image: bool = False, prompt: str | None = None
@@ -273,9 +273,12 @@ class OCR:
             result.source = source
             yield result
 
-    # ------------------------------------------------------------------ internals
-    def _prepare(self, image: ImageSource, prompt: str | None, target: str | None, page: int | None,
-                 keep_image: bool) -> "_Job":
+    # ------------------------------------------------------------------ batching API (OCR.batch, the server)
+    # A page is prepared (decoded, tiled, prompt built) on its own, decoded in a batch whose prefill carries
+    # every page's views, and read back by its row of the batch's output.
+    def prepare(self, image: ImageSource, prompt: str | None, target: str | None, page: int | None,
+                 keep_image: bool) -> "OCRJob":
+        """Load, tile and prompt one page (bad input raises here, before any batch is touched)."""
         t0 = time.perf_counter()
         img = load_image(image, self.max_pixels)
         t1 = time.perf_counter()
@@ -283,13 +286,15 @@ class OCR:
         built = build_prompt(self.tokenizer, prompt_text(prompt or self.prompt, target), views.n_slots)
         t2 = time.perf_counter()
         source = str(image) if isinstance(image, (str, Path)) else None
-        return _Job(img if keep_image else None, img.size, views, built, page, source, t0, t1 - t0, t2 - t1)
+        return OCRJob(img if keep_image else None, img.size, views, built, page, source, t0, t1 - t0, t2 - t1)
 
-    def _prefill(self, jobs: Sequence["_Job"]) -> dict[str, Any]:
+    def prefill_inputs(self, jobs: Sequence["OCRJob"]) -> dict[str, Any]:
+        """The vision inputs of a left-padded batch of prepared pages (``generate``'s ``prefill``)."""
         seq_mask, _ = left_pad([j.prompt.images_seq_mask for j in jobs], False, torch.bool)
         return {"images": [j.views for j in jobs], "images_seq_mask": seq_mask}
 
-    def _result(self, job: "_Job", out, row: int) -> PageResult:
+    def page_result(self, job: "OCRJob", out, row: int) -> PageResult:
+        """Row ``row`` of a batch's decoded output -> the page's PageResult (markdown, boxes, timings)."""
         ids = out.token_ids[row]
         raw = out.texts[row]
         grounded = parse_grounding(raw)
@@ -313,7 +318,8 @@ class OCR:
 
 
 @dataclass
-class _Job:
+class OCRJob:
+    """One prepared page: its image (when kept), tiled views, prompt and the clock readings of its timings."""
     image: Image.Image | None
     size: tuple[int, int]
     views: ImageViews
@@ -328,10 +334,10 @@ class _Job:
 class OCRStream:
     """Iterator of text deltas for one page; ``result`` is the PageResult after the last delta."""
 
-    def __init__(self, ocr: OCR, job: _Job, text: TextStream):
+    def __init__(self, ocr: OCR, job: OCRJob, text: TextStream):
         self._ocr, self._job, self._text = ocr, job, text
         self.result: PageResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         yield from self._text
-        self.result = self._ocr._result(self._job, self._text.output, 0)
+        self.result = self._ocr.page_result(self._job, self._text.output, 0)

@@ -267,7 +267,7 @@ class TorchEngine:
         from optictx.generate import context_length
 
         ocr = self._for_mode(mode)
-        job = ocr._prepare(image, prompt, target, page, keep_image=False)
+        job = ocr.prepare(image, prompt, target, page, keep_image=False)
         limit = context_length(ocr.model)
         if limit is not None and len(job.prompt) >= limit:
             raise GenerationError(f"the prompt has {len(job.prompt)} tokens (image slots included) but the model's "
@@ -304,7 +304,7 @@ class TorchEngine:
         t0 = time.perf_counter()
         t_first = None
         steps = iter_steps(base.model, ids, cfg, tokenizer=base.tokenizer, attention_mask=mask,
-                           prefill=base._prefill(jobs))
+                           prefill=base.prefill_inputs(jobs))
         try:
             for events in steps:
                 t_first = t_first or time.perf_counter()
@@ -335,7 +335,7 @@ class TorchEngine:
             if w.cancelled.is_set() and not finish[i]:
                 results.append(CancelledError("cancelled while decoding"))
             else:
-                results.append(w.job[0]._result(jobs[i], out, i))
+                results.append(w.job[0].page_result(jobs[i], out, i))
         return results
 
     def _flush(self, work: Work, ids: list[int], texts: list[str], row: int) -> None:
