@@ -329,3 +329,14 @@ def test_eval_primitives_cli_writes_a_table_and_refuses_bad_arguments(micro_fold
         assert main(["eval", "primitives", str(folder), *bad, "--out", str(out)]) != 0
     assert main(["eval", "primitives", str(tmp_path / "nowhere")]) != 0
     assert "neither a model folder" in capsys.readouterr().err
+    # two run folders: their stages are named run/stage, and each run's outputs get their own folder
+    import shutil
+
+    runs = [tmp_path / "r1", tmp_path / "r2"]
+    for run in runs:
+        shutil.copytree(folder, run / "sft" / "model")
+        (run / "recipe.json").write_text(json.dumps({"stages": [{"name": "sft"}]}))
+    assert main(["eval", "primitives", *map(str, runs), "--tasks", "counting", "--samples", "1", "--maze-pairs", "0",
+                 "--unseen", "0", "--general", "0", "--no-direct", "--out", str(out)]) == 0
+    assert set(json.loads((out / "primitives_eval.json").read_text())["results"]) == {"r1/sft", "r2/sft"}
+    assert (out / "outputs" / "r1" / "sft.jsonl").is_file() and (out / "outputs" / "r2" / "sft.jsonl").is_file()

@@ -231,8 +231,9 @@ def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str 
         metrics, texts = evaluate_model(model, tok, sets, cfg, progress)
         results[name] = metrics
         if out_dir is not None:
-            (out_dir / "outputs").mkdir(parents=True, exist_ok=True)
-            with open(out_dir / "outputs" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            path = out_dir / "outputs" / f"{name}.jsonl"  # "run/stage" when several runs: one folder per run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
                 for set_name, outs in texts.items():
                     base = set_name.removesuffix("_direct")
                     for s, t in zip(sets[base], outs):
