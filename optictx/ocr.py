@@ -277,7 +277,7 @@ class OCR:
     # A page is prepared (decoded, tiled, prompt built) on its own, decoded in a batch whose prefill carries
     # every page's views, and read back by its row of the batch's output.
     def prepare(self, image: ImageSource, prompt: str | None, target: str | None, page: int | None,
-                 keep_image: bool) -> "OCRJob":
+                keep_image: bool) -> "OCRJob":
         """Load, tile and prompt one page (bad input raises here, before any batch is touched)."""
         t0 = time.perf_counter()
         img = load_image(image, self.max_pixels)

@@ -202,7 +202,7 @@ def format_reward(sample: Sample, text: str) -> tuple[float, dict[str, float]]:
     # The mode is a gate, not one more averaged check: as a third of the mean, dropping the thinking cost 0.33
     # format while sparing the quality judge's "ungrounded"/"inconsistent" issues, and GRPO learned exactly that
     # (counting, lr 1e-4: completions 39 -> 5.5 tokens in 10 steps, exact counts 16% -> 10%).
-    gate = float(np.prod(list(modes.values()))) if modes else 1.0
+    gate = float(np.prod(list(modes.values())))  # 1.0 when the prompt asks for no mode
     score = float(np.mean(list(checks.values()))) * (1.0 - syn.duplicate_fraction) * gate
     parts = {**checks, **modes}
     return score, {**{f"format_{k}": v for k, v in parts.items()}, "duplicates": syn.duplicate_fraction}

@@ -339,6 +339,7 @@ def rollouts(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], n: int
     names a progress bar over the samples (stderr), for long evaluations.
     """
     from tqdm import tqdm
+
     from optictx.generate import GenerationConfig, generate
 
     cfg = model.config
