@@ -134,8 +134,6 @@ def evaluate_model(model, tok, sets: Mapping[str, list[Sample]], cfg: Primitives
     from optictx.train.primitives_task import rollouts
 
     def run(name: str, samples: list[Sample], prompts=None) -> list[str]:
-        if progress:
-            print(f"  {name}: {len(samples)} samples", flush=True)
         limit = cfg.max_new_tokens.get(task_of(name), 256)
         outs = rollouts(model, tok, samples, 1, max_new_tokens=limit, max_rows=cfg.max_rows, prompts=prompts,
                         progress=f"  {name}" if progress else None)

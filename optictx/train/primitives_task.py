@@ -355,7 +355,7 @@ def rollouts(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], n: int
         by_len[len(item.prompt)].append(k)
     per_batch = max(1, max_rows // n)
     call = 0
-    bar = tqdm(total=len(items), desc=progress, unit="sample", disable=progress is None, leave=False)
+    bar = tqdm(total=len(items), desc=progress, unit="sample", disable=progress is None, leave=True)
     for length in sorted(by_len):
         group = by_len[length]
         for start in range(0, len(group), per_batch):
