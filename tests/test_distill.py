@@ -1,19 +1,16 @@
 """On-policy distillation: reverse KL by hand, zero when student == teacher and positive otherwise, teacher
 routing weights, an OPD step on a micro model; unified-RFT record selection (normal + 5% easy, correct only)."""
 import copy
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from optictx.config import primitives_tiny
 from optictx.errors import ConfigError
 from optictx.model.reasoner import PrimitivesModel
-from optictx.tokenizer import train_bpe
 from optictx.train import distill
 from optictx.train.grpo import PoolEntry
-from optictx.train.primitives_task import Mixture, PrimitivesSFTTask, SFTConfig, tokenizer_texts
+from optictx.train.primitives_task import PrimitivesSFTTask, SFTConfig
 
 
 def test_reverse_kl_by_hand_and_direction():
@@ -75,23 +72,8 @@ def test_rft_keeps_all_normal_some_easy_no_hard_and_only_correct_texts():
     assert recs == distill.rft_records([normal + easy + hard], easy_fraction=0.05, seed=0, per_prompt=2)
 
 
-@pytest.fixture(scope="module")
-def micro():
-    mixture = Mixture({"counting": 1, "general": 1}, scene={"side": 84, "max_objects": 3, "max_count": 2})
-    tok = train_bpe(tokenizer_texts(mixture, 0, 60), vocab_size=300)
-    cfg = dataclasses.replace(
-        primitives_tiny(), vision_width=32, vision_layers=1, vision_heads=2, vocab_size=tok.vocab_size,
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
-        num_experts_per_tok=2, compress_ratios=(0, 4), sliding_window=16, index_n_heads=2, index_head_dim=8,
-        index_topk=4, image_token_id=tok.image_token_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id, min_image_tokens=4)
-    torch.manual_seed(0)
-    return tok, PrimitivesModel(cfg), mixture
-
-
-def test_opd_task_is_zero_against_itself_and_trains_towards_a_different_teacher(micro):
-    tok, model, mixture = micro
+def test_opd_task_is_zero_against_itself_and_trains_towards_a_different_teacher(micro_reasoner):
+    tok, model, mixture = micro_reasoner
     student = copy.deepcopy(model)
     cfg = distill.OPDConfig(prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=5)
     same = distill.OPDTask(tok, student, [distill.Teacher("self", copy.deepcopy(model))], mixture, cfg)
@@ -108,8 +90,8 @@ def test_opd_task_is_zero_against_itself_and_trains_towards_a_different_teacher(
     assert all(p.grad is None for p in other.parameters())  # teachers are frozen
 
 
-def test_sft_task_on_rft_records_trains_on_the_record_text(micro):
-    tok, model, mixture = micro
+def test_sft_task_on_rft_records_trains_on_the_record_text(micro_reasoner):
+    tok, model, mixture = micro_reasoner
     from optictx.train.primitives_task import Record
 
     recs = [Record("counting", 0, 1, "trigger", "I count. \\boxed{1}"), Record("general", 0, 2, "auto", "\\boxed{7}")]

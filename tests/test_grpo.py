@@ -1,19 +1,14 @@
 """GRPO: advantage maths and the clipped/KL loss on fixed numbers worked out by hand, the normal-prompt filter,
 rollout batches, and a 2-step GRPO run through the generic loop on a random micro model."""
 import copy
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from optictx.config import primitives_tiny
 from optictx.errors import ConfigError
-from optictx.model.reasoner import PrimitivesModel
-from optictx.tokenizer import train_bpe
 from optictx.train import grpo
 from optictx.train.loop import TrainConfig, train
-from optictx.train.primitives_task import Mixture, tokenizer_texts
 
 
 def test_group_advantages_by_hand():
@@ -71,28 +66,13 @@ def test_gradient_is_advantage_weighted_log_prob_gradient_when_on_policy():
 # ----------------------------------------------------------------------------- micro model
 
 
-@pytest.fixture(scope="module")
-def micro():
-    mixture = Mixture({"counting": 1, "general": 1}, scene={"side": 84, "max_objects": 3, "max_count": 2})
-    tok = train_bpe(tokenizer_texts(mixture, 0, 60), vocab_size=300)
-    cfg = dataclasses.replace(
-        primitives_tiny(), vision_width=32, vision_layers=1, vision_heads=2, vocab_size=tok.vocab_size,
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
-        num_experts_per_tok=2, compress_ratios=(0, 4), sliding_window=16, index_n_heads=2, index_head_dim=8,
-        index_topk=4, image_token_id=tok.image_token_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id, min_image_tokens=4)
-    torch.manual_seed(0)
-    return tok, PrimitivesModel(cfg), mixture
-
-
 def _pool(mixture):
     e = lambda i, ok: grpo.PoolEntry("counting", 0, i, "trigger", ["x"] * 2, ok, [0.0, 0.0])  # noqa: E731
     return [e(0, [True, True]), e(1, [False, False]), e(2, [True, False]), e(3, [False, True])]
 
 
-def test_rollout_batch_supervises_completions_and_eos(micro):
-    tok, model, mixture = micro
+def test_rollout_batch_supervises_completions_and_eos(micro_reasoner):
+    tok, model, mixture = micro_reasoner
     from optictx.train.primitives_task import rollouts
 
     (g,) = rollouts(model, tok, [mixture.sample(0, 0)], 2, max_new_tokens=5, temperature=1.0, seed=3)
@@ -108,8 +88,8 @@ def test_rollout_batch_supervises_completions_and_eos(micro):
     assert again[0].token_ids == g.token_ids  # seeded sampling: replayable rollouts
 
 
-def test_grpo_task_keeps_only_normal_prompts_and_runs_two_steps(micro, tmp_path):
-    tok, model, mixture = micro
+def test_grpo_task_keeps_only_normal_prompts_and_runs_two_steps(micro_reasoner, tmp_path):
+    tok, model, mixture = micro_reasoner
     policy = copy.deepcopy(model)
     reference = copy.deepcopy(model)
     cfg = grpo.GRPOConfig(group_size=2, prompts_per_step=1, max_new_tokens=6, eval_samples=2)

@@ -27,7 +27,7 @@ from torch import nn
 from optictx.errors import ConfigError
 from optictx.rewards import score
 from optictx.tokenizer import Tokenizer
-from optictx.train.primitives_task import Mixture, Rollout, make_sample, rollouts
+from optictx.train.primitives_task import Mixture, Rollout, greedy_scores, make_sample, rollouts
 
 # ----------------------------------------------------------------------------- maths
 
@@ -230,9 +230,5 @@ class GRPOTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         """Greedy correctness and reward on held-out prompts of the stage's mixture."""
-        model = getattr(model, "module", model)
         samples = [self.mixture.sample(self.cfg.eval_seed, i) for i in range(self.cfg.eval_samples)]
-        outs = rollouts(model, self.tok, samples, 1, max_new_tokens=self.cfg.max_new_tokens)
-        rs = [score(o.sample, o.texts[0]) for o in outs]
-        return {"eval_correct": float(np.mean([r.correct for r in rs])),
-                "eval_reward": float(np.mean([r.total for r in rs]))}
+        return greedy_scores(getattr(model, "module", model), self.tok, samples, self.cfg.max_new_tokens)

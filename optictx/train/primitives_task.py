@@ -38,6 +38,7 @@ from optictx.config import dataclass_from
 from optictx.data import mazes, paths, scenes
 from optictx.data.sample import MODES, Sample
 from optictx.errors import ConfigError
+from optictx.rewards import score
 from optictx.tokenizer import Tokenizer
 from optictx.train.guidance import guided_attention_loss, window_head_logprobs
 
@@ -377,6 +378,14 @@ def rollouts(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], n: int
     return items
 
 
+def greedy_scores(model: nn.Module, tok: Tokenizer, samples: Sequence[Sample], max_new_tokens: int) -> dict[str, float]:
+    """Correct fraction and mean reward of one greedy decode per sample: every stage's training-time eval."""
+    outs = rollouts(model, tok, samples, 1, max_new_tokens=max_new_tokens)
+    rs = [score(o.sample, o.texts[0]) for o in outs]
+    return {"eval_correct": float(np.mean([r.correct for r in rs])),
+            "eval_reward": float(np.mean([r.total for r in rs]))}
+
+
 # ----------------------------------------------------------------------------- the SFT task
 
 
@@ -488,8 +497,6 @@ class PrimitivesSFTTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         """Held-out teacher-forced loss (and its gap to swapped images), rewards of a few greedy decodes."""
-        from optictx.rewards import score
-
         model = getattr(model, "module", model)
         model = model.model if isinstance(model, PrimitivesTrainModule) else model
         was = model.training
@@ -509,11 +516,7 @@ class PrimitivesSFTTask:
             swapped.append(float(model(input_ids=b["input_ids"], pixel_values=other, labels=b["labels"]).loss))
         logs = {"eval_loss": float(np.mean(losses)), "gap": float(np.mean(swapped) - np.mean(losses))}
         if self.cfg.eval_decode:
-            outs = rollouts(model, self.tok, samples[: self.cfg.eval_decode], 1,
-                            max_new_tokens=self.cfg.max_new_tokens)
-            rewards = [score(o.sample, o.texts[0]) for o in outs]
-            logs.update(eval_correct=float(np.mean([r.correct for r in rewards])),
-                        eval_reward=float(np.mean([r.total for r in rewards])))
+            logs.update(greedy_scores(model, self.tok, samples[: self.cfg.eval_decode], self.cfg.max_new_tokens))
         model.train(was)
         return logs
 
