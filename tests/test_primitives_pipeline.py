@@ -1,6 +1,5 @@
 """The primitives pipeline glue: recipe validation, mixtures, model folders, the stage table, `optictx reason`,
 and (slow) the whole smoke recipe end to end."""
-import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 import torch
 
 from optictx.cli import main
-from optictx.config import primitives_tiny
 from optictx.data import mazes
 from optictx.errors import ConfigError
 from optictx.eval.primitives_eval import stage_table
@@ -67,19 +65,12 @@ def test_mixture_draws_are_deterministic_and_follow_the_weights():
 
 
 @pytest.fixture(scope="module")
-def micro_folder(tmp_path_factory):
+def micro_folder(tmp_path_factory, micro_config):
     mixture = Mixture({"maze": 1, "general": 1})
     tok = train_bpe(tokenizer_texts(mixture, 0, 40), vocab_size=300)
-    cfg = dataclasses.replace(
-        primitives_tiny(), vision_width=32, vision_layers=1, vision_heads=2, vocab_size=tok.vocab_size,
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
-        num_experts_per_tok=2, compress_ratios=(0, 4), sliding_window=16, index_n_heads=2, index_head_dim=8,
-        index_topk=4, image_token_id=tok.image_token_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("micro") / "model"
-    model = PrimitivesModel(cfg)
+    model = PrimitivesModel(micro_config(tok))
     save_model(model, tok, folder)
     return folder, model, tok
 
