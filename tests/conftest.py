@@ -4,12 +4,10 @@ for k, v in {"OMP_THREAD_LIMIT": "1", "ORT_DISABLE_TELEMETRY": "1", "HF_HUB_OFFL
              "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(k, v)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-import pytest  # noqa: E402
 
 
 def micro_reasoner_config(tok, **overrides):
