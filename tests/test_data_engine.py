@@ -89,6 +89,16 @@ def test_documents_never_use_heldout_text():
         assert not shingles(s.text) & held
 
 
+def test_caps_source_is_prose_in_capitals():
+    from optictx.data.corpus import TextSampler
+
+    text = " ".join(TextSampler(5, {"caps": 1.0}).sample(300) for _ in range(10))
+    letters = [c for c in text if c.isalpha()]
+    assert len(letters) > 1000 and all(c.isupper() for c in letters)
+    vocab = {w.lower() for w in " ".join(TextSampler(5).prose).split()}
+    assert sum(w.lower() in vocab for w in text.split()[:50]) > 25  # real prose words
+
+
 def test_numbers_source_is_digit_rich_deterministic_and_mixable():
     from optictx.data.corpus import TextSampler
     from optictx.data.ocr_pages import OCRPageSource, Level

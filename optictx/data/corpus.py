@@ -85,7 +85,7 @@ def heldout_paragraphs() -> tuple[str, ...]:
 
 
 DEFAULT_WEIGHTS = {"prose": 0.45, "faker": 0.2, "shuffled": 0.2, "random": 0.15}
-SOURCES = (*DEFAULT_WEIGHTS, "numbers")
+SOURCES = (*DEFAULT_WEIGHTS, "numbers", "caps")
 
 
 class TextSampler:
@@ -128,6 +128,11 @@ class TextSampler:
         while sum(len(p) + 1 for p in parts) < n:
             parts.append(self.rng.choice(makers)())
         return clean(" ".join(parts))
+
+    def _caps(self, n: int) -> str:
+        """Prose in capitals, as licences and notices shout: with capitals only as word starts and in random
+        strings, the reader garbled all-caps lines (session 8: 'AN "AS-IS" BASIS.' -> 'WY HASTES< 3ASLSS')."""
+        return self._prose(n).upper()
 
     def _shuffled(self, n: int) -> str:
         parts: list[str] = []
