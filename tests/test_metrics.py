@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 from optictx.errors import MetricError
 from optictx.eval.metrics import (average_precision, average_precision_dataset, box_iou, character_error_rate,
                                   iou_matrix, normalized_edit_distance, ocr_precision_recall, ocr_scores,
-                                  point_hit_rate, teds, teds_structure, word_error_rate)
+                                  point_hit_rate, substitutions, teds, teds_structure, word_error_rate)
 
 
 @given(st.text())
@@ -47,6 +47,13 @@ def test_whitespace_normalisation():
     assert normalized_edit_distance("a  b\n\nc ", " a b c") == 0.0
     # without normalisation: "a  b" vs "a b" differ by one deleted space over max len 4
     assert normalized_edit_distance("a  b", "a b", normalize=False) == pytest.approx(1 / 4)
+
+
+def test_substitutions_count_replacements_only():
+    assert substitutions("if dou do both", "if you do both") == {("y", "d"): 1}
+    # "vio" -> "ugp" is three replacements; the dropped "s" (a deletion) is not a confusion
+    assert substitutions("ugplation", "violations") == {("v", "u"): 1, ("i", "g"): 1, ("o", "p"): 1}
+    assert not substitutions("same text", "same  text")
 
 
 def test_wer():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,7 @@ from PIL import Image
 from optictx.budget import text_tokens
 from optictx.data.corpus import heldout_paragraphs
 from optictx.data.ocr_pages import grid_shape, render_page, to_ascii
-from optictx.eval.metrics import normalized_edit_distance, ocr_precision_recall
+from optictx.eval.metrics import normalized_edit_distance, ocr_precision_recall, substitutions
 
 # Ratio bins (text tokens per vision token), like the paper's Table 2 rows but in ratios.
 BINS = ((0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 15), (15, 20), (20, 30))
@@ -39,6 +40,8 @@ class PageScore:
     control_edit_distance: float
     tesseract_precision: float | None = None
     tesseract_edit_distance: float | None = None
+    text: str = ""  # the page's ground truth and the model's reading, kept so every error can be looked at
+    prediction: str = ""
 
 
 def heldout_text(rng: random.Random, n_chars: int) -> str:
@@ -97,7 +100,8 @@ def score_pages(read: Callable[[Image.Image], str], pages: list, vision_tokens: 
         n_tok = text_tokens(page.text)
         s = PageScore(ratio=n_tok / vision_tokens, text_tokens=n_tok, lines=page.n_lines, precision=p,
                       edit_distance=normalized_edit_distance(pred, page.text), control_precision=cp,
-                      control_edit_distance=normalized_edit_distance(control, page.text))
+                      control_edit_distance=normalized_edit_distance(control, page.text), text=page.text,
+                      prediction=pred)
         if use_tesseract:
             t = tesseract_read(page.image)
             if t is not None:
@@ -170,6 +174,14 @@ def plot(scores: list[PageScore], path: str | Path, title: str) -> None:
     plt.close(fig)
 
 
+def top_substitutions(scores: list[PageScore], n: int = 12) -> list[tuple[str, str, int]]:
+    """The model's most frequent misreadings over all pages: (truth char, read char, count)."""
+    total: Counter[tuple[str, str]] = Counter()
+    for s in scores:
+        total += substitutions(s.prediction, s.text)
+    return [(a, b, k) for (a, b), k in total.most_common(n)]
+
+
 def summary(scores: list[PageScore]) -> dict:
     """Headline numbers: precision at <=10x and at 15-25x, with the control beside them."""
     def at(lo, hi, attr):
@@ -181,6 +193,7 @@ def summary(scores: list[PageScore]) -> dict:
         "precision_10_15x": at(10, 15, "precision"), "control_10_15x": at(10, 15, "control_precision"),
         "precision_15_25x": at(15, 25, "precision"), "control_15_25x": at(15, 25, "control_precision"),
         "tesseract_le_10x": at(0, 10, "tesseract_precision"),
+        "top_substitutions": [f"{a!r}->{b!r} x{k}" for a, b, k in top_substitutions(scores)],
     }
 
 

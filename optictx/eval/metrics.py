@@ -11,6 +11,7 @@ Definitions, so numbers here can be compared with published ones:
   Note: the Fox/GOT scripts' exact tokenisation is not in our reference; this is our stated definition.
 * ``character_error_rate`` / ``word_error_rate``: Levenshtein over characters / whitespace-split words,
   divided by the ground-truth length (can exceed 1).
+* ``substitutions``: (truth char, read char) counts of the replacements in one optimal Levenshtein alignment.
 * ``teds``: 1 - TreeEditDistance(pred, gt) / max(|pred|, |gt|) (Zhong et al., PubTabNet), with APTED.
 * ``average_precision``: greedy matching in score order, VOC all-point interpolation.
 
@@ -20,6 +21,7 @@ All text metrics first collapse whitespace runs to one space and trim the ends (
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -78,6 +80,13 @@ def word_error_rate(pred: str, gt: str, *, normalize: bool = True) -> float:
     if not gw:
         return 0.0 if not pw else 1.0
     return Levenshtein.distance(pw, gw) / len(gw)
+
+
+def substitutions(pred: str, gt: str, *, normalize: bool = True) -> Counter[tuple[str, str]]:
+    """(ground-truth character, character read instead) -> count, from one optimal Levenshtein alignment:
+    which glyphs a reader confuses. Insertions and deletions are not counted."""
+    p, g = _prep(pred, gt, normalize)
+    return Counter((g[op.src_pos], p[op.dest_pos]) for op in Levenshtein.editops(g, p) if op.tag == "replace")
 
 
 @dataclass(frozen=True)
