@@ -332,3 +332,28 @@ def test_eval_primitives_cli_writes_a_table_and_refuses_bad_arguments(micro_fold
                  "--unseen", "0", "--general", "0", "--no-direct", "--out", str(out)]) == 0
     assert set(json.loads((out / "primitives_eval.json").read_text())["results"]) == {"r1/sft", "r2/sft"}
     assert (out / "outputs" / "r1" / "sft.jsonl").is_file() and (out / "outputs" / "r2" / "sft.jsonl").is_file()
+    # --baseline: the same weights twice are paired to a difference of exactly zero
+    assert main(["eval", "primitives", *map(str, runs), "--tasks", "counting", "--samples", "2", "--maze-pairs", "0",
+                 "--unseen", "0", "--general", "0", "--no-direct", "--baseline", "r1/sft", "--out", str(out)]) == 0
+    paired = json.loads((out / "primitives_eval.json").read_text())["paired"]["r2/sft"]["counting"]
+    assert paired["reward"]["n"] == 2 and paired["reward"]["diff"] == paired["correct"]["diff"] == 0.0
+    assert "r2/sft vs r1/sft, paired" in (out / "stage_table.md").read_text()
+    assert main(["eval", "primitives", *map(str, runs), "--baseline", "sft", "--out", str(out)]) != 0
+    assert "not one of the evaluated models" in capsys.readouterr().err
+
+
+def test_paired_comparison_scores_both_models_on_the_same_samples():
+    from optictx.data.scenes import counting
+    from optictx.eval.primitives_eval import paired_comparison, paired_difference
+
+    samples = [counting(7, i) for i in range(6)]
+    truth = [f"\\boxed{{{s.answer}}}" for s in samples]
+    off_by_one = [f"\\boxed{{{int(s.answer) + 1}}}" for s in samples]
+    c = paired_comparison({"counting": samples}, {"counting": off_by_one}, {"counting": truth})["counting"]
+    assert c["correct"]["a"] == 0.0 and c["correct"]["b"] == 1.0 and c["correct"]["diff"] == 1.0
+    assert c["reward"]["b"] == pytest.approx(0.7) and 0 < c["reward"]["a"] < 0.7
+    assert c["reward"]["lo"] <= c["reward"]["diff"] <= c["reward"]["hi"]
+    # one of four samples gained: a resample holds it k times, k ~ Binomial(4, 1/4); P(k = 0) = 32% puts the
+    # 2.5% quantile at 0, P(k >= 3) = 5.1% and P(k = 4) = 0.4% put the 97.5% quantile at 3/4
+    d = paired_difference([0, 1, 0, 1], [1, 1, 0, 1])
+    assert d["diff"] == 0.25 and d["lo"] == 0.0 and d["hi"] == 0.75

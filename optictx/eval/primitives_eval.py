@@ -32,7 +32,7 @@ from optictx.data.sample import DIRECT_SUFFIX, TRIGGER, Sample
 from optictx.errors import ConfigError
 from optictx.eval.metrics import average_precision_dataset, point_hit_rate
 from optictx.primitives import parse_primitives
-from optictx.rewards import answer_correct, check_syntax, score
+from optictx.rewards import accuracy_reward, answer_correct, check_syntax, score
 
 
 @dataclass
@@ -187,6 +187,46 @@ def stage_table(results: Mapping[str, Mapping[str, float]], columns: list[str] |
     return "\n".join(lines)
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of b - a over the same samples, with a paired bootstrap 95% interval (resampling samples, so
+    what both models found easy or hard cancels out)."""
+    d = np.asarray(b, float) - np.asarray(a, float)
+    if not len(d):
+        return {"n": 0, "a": float("nan"), "b": float("nan"), "diff": float("nan"), "lo": float("nan"),
+                "hi": float("nan")}
+    boots = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return {"n": len(d), "a": float(np.mean(a)), "b": float(np.mean(b)), "diff": float(d.mean()),
+            "lo": float(lo), "hi": float(hi)}
+
+
+def paired_comparison(sets: Mapping[str, list[Sample]], base: Mapping[str, list[str]],
+                      other: Mapping[str, list[str]]) -> dict[str, dict[str, dict]]:
+    """{set: {"reward": ..., "correct": ...}}: the task's accuracy reward (what GRPO optimises, with partial
+    credit) and exact correctness of one model against a baseline, paired on the same held-out samples."""
+    out = {}
+    for name, samples in sets.items():
+        if name not in base or name not in other:
+            continue
+        ra = [accuracy_reward(s, t) for s, t in zip(samples, base[name])]
+        rb = [accuracy_reward(s, t) for s, t in zip(samples, other[name])]
+        out[name] = {"reward": paired_difference([r[0] for r in ra], [r[0] for r in rb]),
+                     "correct": paired_difference([float(r[1]) for r in ra], [float(r[1]) for r in rb])}
+    return out
+
+
+def paired_table(name_a: str, name_b: str, comparison: Mapping[str, Mapping[str, dict]]) -> str:
+    lines = [f"{name_b} vs {name_a}, paired on the same samples (95% bootstrap interval of the difference):",
+             "| set | n | reward a | reward b | diff [95% CI] | correct a | correct b | diff [95% CI] |",
+             "|---|---:|---:|---:|---|---:|---:|---|"]
+    for set_name, c in comparison.items():
+        r, k = c["reward"], c["correct"]
+        lines.append(f"| {set_name} | {r['n']} | {r['a']:.3f} | {r['b']:.3f} | {r['diff']:+.3f} [{r['lo']:+.3f}, "
+                     f"{r['hi']:+.3f}] | {100 * k['a']:.1f} | {100 * k['b']:.1f} | {100 * k['diff']:+.1f} "
+                     f"[{100 * k['lo']:+.1f}, {100 * k['hi']:+.1f}] |")
+    return "\n".join(lines)
+
+
 def stage_models(run_dir: str | Path) -> dict[str, Path]:
     """The exported model of every finished stage of a ``run_primitives`` folder, in recipe order."""
     run_dir = Path(run_dir)
@@ -204,11 +244,13 @@ def stage_models(run_dir: str | Path) -> dict[str, Path]:
 
 def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str | Path | None = None,
                         cfg: PrimitivesEvalConfig | dict | None = None, progress: bool = True,
-                        device: str = "cpu") -> dict[str, dict[str, float]]:
+                        device: str = "cpu", baseline: str | None = None) -> dict[str, dict[str, float]]:
     """Evaluate one model folder, a {name: folder} mapping, or every stage of a run folder (a stage table).
 
     Writes ``primitives_eval.json``, ``stage_table.md`` and the raw outputs (``outputs/<model>.jsonl``) to
-    ``out`` when given. Returns {model name: metrics}.
+    ``out`` when given. With ``baseline`` (one of the models), every other model is also compared with it
+    sample by sample (:func:`paired_comparison`; in the JSON under "paired" and printed). Returns {model name:
+    metrics}.
     """
     from optictx.train.primitives_task import load_model
 
@@ -219,8 +261,11 @@ def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str 
         models = resolve_models([models])
     if not models:
         raise ConfigError("no model to evaluate (no finished stage in the run folder?)")
+    if baseline is not None and baseline not in models:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the evaluated models: {sorted(models)}")
     sets = eval_sets(cfg)
     results: dict[str, dict[str, float]] = {}
+    outputs: dict[str, dict[str, list[str]]] = {}
     out_dir = Path(out) if out is not None else None
     for name, folder in models.items():
         if progress:
@@ -228,6 +273,7 @@ def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str 
         model, tok = load_model(folder, device=device)
         metrics, texts = evaluate_model(model, tok, sets, cfg, progress)
         results[name] = metrics
+        outputs[name] = {k: v for k, v in texts.items() if k in sets}  # the ablation's prompts differ
         if out_dir is not None:
             path = out_dir / "outputs" / f"{name}.jsonl"  # "run/stage" when several runs: one folder per run
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,11 +283,16 @@ def evaluate_primitives(models: Mapping[str, str | Path] | str | Path, out: str 
                     for s, t in zip(sets[base], outs):
                         f.write(json.dumps({"set": set_name, "task": s.task, "seed": s.seed, "index": s.index,
                                             "answer": s.answer, "output": t}, ensure_ascii=False) + "\n")
+    paired = {name: paired_comparison(sets, outputs[baseline], outputs[name])
+              for name in models if baseline is not None and name != baseline}
+    for name, comparison in paired.items():
+        print(paired_table(baseline, name, comparison), flush=True)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "primitives_eval.json").write_text(
-            json.dumps({"config": asdict(cfg), "results": results}, indent=2) + "\n", encoding="utf-8")
-        (out_dir / "stage_table.md").write_text(stage_table(results) + "\n", encoding="utf-8")
+        report = {"config": asdict(cfg), "results": results, **({"paired": paired} if paired else {})}
+        (out_dir / "primitives_eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        table = stage_table(results) + "".join(f"\n\n{paired_table(baseline, n, c)}" for n, c in paired.items())
+        (out_dir / "stage_table.md").write_text(table + "\n", encoding="utf-8")
     return results
 
 
@@ -267,6 +318,9 @@ def register_cli(ev) -> None:
     p.add_argument("--unseen", type=int, default=50, help="samples per task in unseen styles")
     p.add_argument("--general", type=int, default=50, help="general questions (does it skip primitives?)")
     p.add_argument("--no-direct", action="store_true", help="skip the 'Answer directly.' ablation")
+    p.add_argument("--baseline", default=None, metavar="NAME",
+                   help="compare every other model with this one (a stage or model name) on the same samples: "
+                        "accuracy reward and exactness, mean difference with a paired bootstrap 95%% interval")
     p.add_argument("--out", default="out/eval-primitives", help="folder for primitives_eval.json, stage_table.md")
     p.set_defaults(func=run_cli)
 
@@ -304,7 +358,7 @@ def run_cli(args) -> int:
     spec = {t: (args.samples if t in tasks else 0) for t in SIZE_TASKS}
     spec.update(maze_pairs_per_tier=args.maze_pairs, unseen=args.unseen, general=args.general,
                 direct_ablation=not args.no_direct, maze_tiers=tiers)
-    results = evaluate_primitives(models, args.out, spec)
+    results = evaluate_primitives(models, args.out, spec, baseline=args.baseline)
     print(stage_table(results))
     print(f"wrote {Path(args.out) / 'stage_table.md'}")
     return 0
