@@ -261,8 +261,8 @@ def test_page_split_is_the_official_separator():
 
 def test_bundled_model_reads_held_out_grid_pages_better_than_the_control():
     """The shipped weights read: on 3 held-out 4-line pages the edit distance to the page's own text is far
-    below the distance to another page's text (measured 0.15 vs 0.84 on the stage-D step-5400 weights; the
-    step-2537 weights, 0.39 vs 0.82, would fail: a regression to them must show)."""
+    below the distance to another page's text (measured 0.11 vs 0.84 on the stage-E step-2800 weights; the
+    stage-D step-5400 weights, 0.15 vs 0.84, would fail: a regression to them must show)."""
     from optictx import OCR
     from optictx.data.ocr_pages import heldout_pages
     from optictx.eval.metrics import normalized_edit_distance
@@ -275,4 +275,4 @@ def test_bundled_model_reads_held_out_grid_pages_better_than_the_control():
     reads = [ocr(p.image).text for p in pages]
     own = sum(normalized_edit_distance(r, p.text) for r, p in zip(reads, pages)) / 3
     other = sum(normalized_edit_distance(reads[(i + 1) % 3], p.text) for i, p in enumerate(pages)) / 3
-    assert own < 0.3 and other - own > 0.5, (own, other)
+    assert own < 0.14 and other - own > 0.5, (own, other)
